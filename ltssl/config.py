@@ -83,6 +83,9 @@ class TaseConfig:
     tau_min: float = _f(0.1, "temperature of the smallest (tail-like) clusters", gt=0)
     tau_max: float = _f(0.5, "temperature of the largest (head-like) clusters", gt=0)
     weight_power: float = _f(0.5, "weight of a sample ~ cluster_size ** -weight_power (normalised to mean 1)", ge=0)
+    temperature_power: float = _f(0.5, "tau_c = tau_min + (tau_max - tau_min) * (n_c / n_max) ** temperature_power", ge=0)
+    kmeans_iters: int = _f(30, "Lloyd iterations of the spherical k-means", ge=1)
+    start_epoch: int = _f(0, "first epoch (0-based) whose loss uses TASE; before it: global temperature, weight 1", ge=0)
 
 
 @dataclass
@@ -91,6 +94,7 @@ class MultiViewConfig:
 
     pairing: str = _f("all_pairs", "which view pairs the loss averages", choices=["all_pairs", "anchor"])
     filter_quantile: float = _f(0.0, "mask feature dims whose cross-view spread is beyond this upper quantile; 0 = off", ge=0, le=1)
+    filter_statistic: str = _f("spread", "extremeness of a dim across the views: spread (max - min over views) or zscore (max |z - mean| / std)", choices=["spread", "zscore"])
 
 
 @dataclass
