@@ -46,7 +46,7 @@ def test_dotted_overrides_win_over_the_file(tmp_path):
         ({"optim": {"name": "adam"}}, "optim.name must be one of sgd, sam, rwsam, got 'adam'"),
         ({"data": {"imbalance_ratio": 0.5}}, "data.imbalance_ratio must be >= 1, got 0.5"),
         ({"method": {"multiview": {"filter_quantile": 1.5}}}, "method.multiview.filter_quantile must be <= 1, got 1.5"),
-        ({"method": {"tase": {"k": 3}}}, "unknown key method.tase.k (allowed: enabled, num_clusters, refresh_every, tau_min, tau_max, weight_power)"),
+        ({"method": {"tase": {"k": 3}}}, "unknown key method.tase.k (allowed: enabled, num_clusters, refresh_every, tau_min, tau_max, weight_power, temperature_power, kmeans_iters, start_epoch)"),
         ({"data": {"class_order": [1, "a"]}}, "data.class_order must be list of int or null, got [1, 'a']"),
         ({"data": {"dataset": "cifar10"}}, "data.root must name the cifar10 source folder, got None"),
         ({"optim": 3}, "optim must be a mapping of keys, got 3"),
