@@ -1,0 +1,130 @@
+"""submitit's local executor, made cancellable from anywhere (Ray workers included).
+
+submitit's ``LocalExecutor`` starts a controller process (``submitit.local._local``) that runs the
+tasks; ``LocalJob.cancel()`` sends it SIGINT. Inside a Ray worker SIGINT is blocked, and a blocked or
+ignored signal stays so across ``fork``/``exec``: the controller and its tasks never see it. Here the
+controller
+
+* starts in a session (process group) of its own, so cancel can SIGKILL the whole job, tasks and
+  data-loader workers included, without touching the caller's group;
+* runs through :mod:`ltssl.launch._local_controller`, which unblocks every signal and restores the
+  default SIGINT/SIGTERM behaviour before handing over to submitit's controller.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import typing as tp
+from pathlib import Path
+
+from submitit.local import local as submitit_local
+
+
+def start_controller(
+    folder: Path,
+    command: str,
+    tasks_per_node: int = 1,
+    cuda_devices: str = "",
+    timeout_min: float = 5.0,
+    signal_delay_s: int = 30,
+    stderr_to_stdout: bool = False,
+) -> subprocess.Popen:
+    """submitit's ``start_controller``, in a new session and through the signal-resetting wrapper."""
+    env = dict(os.environ)
+    env.update(
+        SUBMITIT_LOCAL_NTASKS=str(tasks_per_node),
+        SUBMITIT_LOCAL_COMMAND=command,
+        SUBMITIT_LOCAL_TIMEOUT_S=str(int(60 * timeout_min)),
+        SUBMITIT_LOCAL_SIGNAL_DELAY_S=str(int(signal_delay_s)),
+        SUBMITIT_LOCAL_NODEID="0",
+        SUBMITIT_LOCAL_JOB_NUM_NODES="1",
+        SUBMITIT_STDERR_TO_STDOUT="1" if stderr_to_stdout else "",
+        SUBMITIT_EXECUTOR="local",
+        CUDA_VISIBLE_DEVICES=cuda_devices,
+        SUBMITIT_LOCAL_WITH_SHELL="",
+    )
+    # The controller outlives this call: LocalJob polls it and cancel() ends its process group.
+    return subprocess.Popen(  # pylint: disable=consider-using-with
+        [sys.executable, "-m", "ltssl.launch._local_controller", str(folder)],
+        env=env,
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+class LocalExecutor(submitit_local.LocalExecutor):
+    """submitit's LocalExecutor with :func:`start_controller` above (new session, signals reset)."""
+
+    def _submit_command(self, command: str) -> submitit_local.LocalJob:
+        ntasks = self.parameters.get("tasks_per_node", 1)
+        n_gpus = self.parameters.get("gpus_per_node", 0)
+        visible_gpus = self.parameters.get("visible_gpus", ())
+        gpus = range(n_gpus) if visible_gpus == () else visible_gpus[:n_gpus]
+        process = start_controller(
+            folder=self.folder,
+            command=command,
+            tasks_per_node=ntasks,
+            cuda_devices=",".join(str(k) for k in gpus),
+            timeout_min=self.parameters.get("timeout_min", 2.0),
+            signal_delay_s=self.parameters.get("signal_delay_s", 30),
+            stderr_to_stdout=self.parameters.get("stderr_to_stdout", False),
+        )
+        return submitit_local.LocalJob(folder=self.folder, job_id=str(process.pid), process=process, tasks=list(range(ntasks)))
+
+
+def process_group_alive(pgid: int) -> bool:
+    """Whether any process of process group ``pgid`` still exists (zombies excluded)."""
+    return bool(process_group_members(pgid))
+
+
+def process_group_members(pgid: int) -> list[int]:
+    """Pids of the live (non-zombie) processes whose process group is ``pgid`` (from /proc)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        # /proc/<pid>/stat: "pid (comm) state ppid pgrp ...", comm may contain spaces and ')'
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry))
+    return members
+
+
+def kill_process_group(pgid: int, process: subprocess.Popen | None = None, grace_s: float = 2.0) -> None:
+    """SIGTERM the group (the job checkpoints and exits), then SIGKILL whatever is left after ``grace_s``.
+
+    SIGTERM rather than SIGINT: the job's tasks handle SIGTERM (rank 0 saves a checkpoint, all exit)
+    and the controller forwards it; SIGKILL ends anything that blocks or ignores it.
+    """
+    def signal_group(sig: int) -> None:
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            pass
+
+    signal_group(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if process is not None:
+            process.poll()  # reap the controller so it does not linger as a zombie
+        if not process_group_alive(pgid):
+            break
+        time.sleep(0.05)
+    signal_group(signal.SIGKILL)
+    if process is not None:
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+    deadline = time.monotonic() + 5
+    while process_group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)

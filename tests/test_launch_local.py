@@ -1,0 +1,204 @@
+"""The launch layer through submitit's local executor: no Slurm needed, a few seconds each.
+
+The jobs run ``ltssl.launch.toy:train``, a deterministic integer "trainer" with the real trainer's
+resume/checkpoint contract, so these tests check the launch machinery alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from ltssl.config import load_config
+from ltssl.launch import JobCancelledError, JobFailedError, JobHandle, LaunchError, preflight, submit
+from ltssl.launch import toy
+from ltssl.launch.local import process_group_alive
+
+TOY = "ltssl.launch.toy:train"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def local_cfg(**launch):
+    return load_config({"launch": {"timeout_min": 5, "signal_delay_s": 30, **launch}})
+
+
+def pids_alive(run_dir: Path) -> list[int]:
+    """Pids the toy trainer recorded that still exist (zombies excluded)."""
+    alive = []
+    for path in (run_dir / "pids").glob("rank*"):
+        pid = int(path.read_text())
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                if fh.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    alive.append(pid)
+        except OSError:
+            pass
+    return alive
+
+
+def wait_for_metrics(run_dir: Path, lines: int = 2, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    path = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= lines:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{path} did not reach {lines} lines in {timeout} s")
+
+
+def test_local_job_returns_result_and_records_the_run(tmp_path):
+    handle = submit(local_cfg(), tmp_path / "run", target=TOY, target_kwargs={"steps": 10})
+    result = handle.result(timeout=60)
+    assert result["value"] == toy.expected_value(10)
+    assert handle.state == "COMPLETED" and handle.done()
+    run_dir = tmp_path / "run"
+    record = json.loads((run_dir / "job.json").read_text())
+    assert record["job_id"] == handle.job_id and record["executor"] == "local"
+    assert record["partition"] is None and record["node_list"] == os.uname().nodename
+    assert len(record["git_commit"]) == 40
+    assert [a["restart"] for a in record["attempts"]] == [0]
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "result.json").is_file()
+    assert (run_dir / "submitit" / f"{handle.job_id}_0_log.out").is_file()
+    # another process (a restarted driver) re-attaches through job.json; a handle pickles
+    attached = JobHandle.attach(run_dir)
+    assert attached.result(timeout=5) == result and attached.state == "COMPLETED"
+    assert pickle.loads(pickle.dumps(handle)).result(timeout=5) == result
+
+
+def test_local_ddp_two_tasks_returns_rank0_result(tmp_path):
+    handle = submit(local_cfg(tasks_per_node=2), tmp_path / "run", target=TOY, target_kwargs={"steps": 6})
+    result = handle.result(timeout=120)
+    assert result["rank"] == 0 and result["world_size"] == 2
+    assert result["value"] == toy.expected_value(6, world_size=2)
+
+
+def test_local_failure_surfaces_remote_traceback(tmp_path):
+    handle = submit(local_cfg(), tmp_path / "run", target=TOY, target_kwargs={"steps": 10, "fail_at_step": 3})
+    with pytest.raises(JobFailedError) as info:
+        handle.result(timeout=60)
+    text = str(info.value)
+    assert "Traceback" in text and "ValueError: toy failure at step 3 on rank 0" in text
+    assert "toy.py" in info.value.remote_traceback
+    assert handle.state == "FAILED"
+
+
+def test_local_time_limit_checkpoints_requeues_and_matches_uninterrupted(tmp_path):
+    # timeout 1 min, signal 56 s before: the controller signals USR2 after 4 s of a ~6 s run
+    cfg = local_cfg(timeout_min=1, signal_delay_s=56)
+    kwargs = {"steps": 120, "step_s": 0.05, "checkpoint_every": 1000}
+    handle = submit(cfg, tmp_path / "run", target=TOY, target_kwargs=kwargs)
+    result = handle.result(timeout=120)
+    assert result["value"] == toy.expected_value(120)
+    assert result["resumed_from"] > 0, "the requeued attempt must resume from the signal-time checkpoint"
+    saved_at = [int(x) for x in (tmp_path / "run" / "checkpoint_now.log").read_text().split()]
+    assert saved_at[0] == result["resumed_from"] or result["resumed_from"] in saved_at
+    record = json.loads((tmp_path / "run" / "job.json").read_text())
+    assert len(record["attempts"]) >= 2 and record["attempts"][1]["restart"] == 1
+
+
+def test_local_cancel_is_prompt_and_leaves_no_process(tmp_path):
+    run_dir = tmp_path / "run"
+    handle = submit(local_cfg(), run_dir, target=TOY, target_kwargs={"steps": 100000, "step_s": 0.05})
+    wait_for_metrics(run_dir)
+    started = time.monotonic()
+    handle.cancel()
+    assert time.monotonic() - started < 3.0
+    assert handle.state == "CANCELLED"
+    started = time.monotonic()
+    with pytest.raises(JobCancelledError, match=f"job {handle.job_id} was cancelled"):
+        handle.result()
+    assert time.monotonic() - started < 1.0
+    assert not process_group_alive(int(handle.job_id)) and pids_alive(run_dir) == []
+    # rank 0 saved a checkpoint on the way out (SIGTERM)
+    assert (run_dir / "checkpoints" / "last.json").is_file()
+    # another handle on the same run sees the cancellation too
+    assert JobHandle.attach(run_dir).state == "CANCELLED"
+
+
+def test_local_cancel_from_a_process_that_blocks_sigint(tmp_path):
+    """Ray workers block SIGINT (inherited by children): cancel must still end the job."""
+    run_dir = tmp_path / "run"
+    script = textwrap.dedent(
+        f"""
+        import json, signal, sys, time
+        signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGINT, signal.SIGTERM}})
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        from ltssl.config import load_config
+        from ltssl.launch import submit, JobCancelledError
+        cfg = load_config({{"launch": {{"timeout_min": 5, "signal_delay_s": 30, "tasks_per_node": 2}}}})
+        h = submit(cfg, {str(run_dir)!r}, target={TOY!r}, target_kwargs={{"steps": 100000, "step_s": 0.05}})
+        path = {str(run_dir / "metrics.jsonl")!r}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if len(open(path).read().splitlines()) >= 2:
+                    break
+            except FileNotFoundError:
+                pass
+            time.sleep(0.05)
+        t = time.monotonic()
+        h.cancel()
+        took = time.monotonic() - t
+        try:
+            h.result()
+        except JobCancelledError as e:
+            print(json.dumps({{"took": took, "error": str(e), "job_id": h.job_id}}))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["took"] < 3.0 and "was cancelled" in report["error"]
+    assert not process_group_alive(int(report["job_id"])) and pids_alive(run_dir) == []
+
+
+def test_preflight_refuses_before_submitting(tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(LaunchError, match=r"^launch.nodes must be 1 without launch.partition"):
+        submit(local_cfg(nodes=2), run_dir, target=TOY)
+    missing = tmp_path / "no-cifar"
+    cfg = load_config({"data": {"dataset": "cifar10", "root": str(missing)}, "launch": {"timeout_min": 5, "signal_delay_s": 30}})
+    with pytest.raises(LaunchError) as info:
+        submit(cfg, run_dir, target=TOY)
+    assert str(info.value) == f"data.root {missing} does not exist"
+    with pytest.raises(LaunchError, match="launch.signal_delay_s must be < launch.timeout_min"):
+        preflight(local_cfg(timeout_min=1, signal_delay_s=60))
+    assert not run_dir.exists(), "a refused job must not create its run folder"
+
+
+def test_train_cli_bad_config_exits_2_without_submitting(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("optim:\n  rho: -1\n")
+    out = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(config), "--output-dir", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["train.py: error: optim.rho must be >= 0, got -1"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_cli_runs_locally(tmp_path):
+    config = tmp_path / "toy.yaml"
+    config.write_text("train:\n  seed: 3\nlaunch:\n  timeout_min: 5\n  signal_delay_s: 30\n")
+    out = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(config), "--output-dir", str(tmp_path / "run"),
+         "--target", TOY, "train.seed=4"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert str(tmp_path / "run") in out.stdout
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["value"] == toy.expected_value(20, seed=4)
