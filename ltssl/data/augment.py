@@ -1,0 +1,293 @@
+"""SSL view augmentation on batched tensors, with per-sample parameters from an explicit generator.
+
+The recipes are those of SimSiam / MoCo v2 as used by Liu et al. (ICLR 2022):
+
+- ``cifar``: RandomResizedCrop(S, scale 0.2-1, ratio 3/4-4/3), horizontal flip p 0.5,
+  ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale p 0.2, normalisation.
+- ``imagenet``: the same plus Gaussian blur (sigma 0.1-2, kernel ~10 % of S) with p 0.5 (MoCo v2)
+  and solarisation (threshold 0.5) with p 0.2 (BYOL's second-view value, here on every view).
+
+Every random parameter is drawn on the CPU from the ``torch.Generator`` passed in (so the same
+generator state gives the same views on CPU and GPU, and nothing reads torch's global RNG); the
+pixel work runs batched on the images' device. The operations follow torchvision's definitions
+(``adjust_brightness/contrast/saturation/hue``, ``rgb_to_grayscale``, colour-jitter operations in
+a random order per sample), with two deliberate differences: the crop is resampled bilinearly by
+``grid_sample`` without antialiasing, and a non-square source (the semi-synthetic 2:1 images)
+draws aspect ratios relative to its own aspect so that scale 1 is the whole image.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
+
+
+RECIPES = {
+    "cifar": Recipe("cifar"),
+    "imagenet": Recipe("imagenet", blur_p=0.5, solarize_p=0.2),
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    from .errors import DataError
+
+    if name not in RECIPES:
+        raise DataError(f"augmentation recipe must be one of {', '.join(RECIPES)}, got {name!r}")
+    return RECIPES[name]
+
+
+def seed_for(*keys: int) -> int:
+    """A 63-bit seed mixing ``keys`` (e.g. seed, epoch, step, rank) through numpy's SeedSequence."""
+    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+
+
+def generator_for(*keys: int) -> torch.Generator:
+    """A CPU torch.Generator seeded from ``keys``."""
+    gen = torch.Generator()
+    gen.manual_seed(seed_for(*keys))
+    return gen
+
+
+def _uniform(gen: torch.Generator, n: int, low: float, high: float) -> torch.Tensor:
+    return torch.rand(n, generator=gen, dtype=torch.float64) * (high - low) + low
+
+
+def crop_boxes(gen: torch.Generator, n: int, height: int, width: int, scale, ratio) -> torch.Tensor:
+    """Per-sample crop boxes (top, left, h, w) as torchvision's RandomResizedCrop.get_params draws them.
+
+    Ten trials per sample, the first that fits is kept, else the central fallback. The ratio range
+    is relative to the image's own aspect (identical to torchvision for square images).
+    Returns float64 [n, 4].
+    """
+    area = height * width
+    aspect = width / height
+    log_lo, log_hi = math.log(ratio[0] * aspect), math.log(ratio[1] * aspect)
+    trials = 10
+    target = area * _uniform(gen, n * trials, scale[0], scale[1]).view(n, trials)
+    ar = torch.exp(_uniform(gen, n * trials, log_lo, log_hi)).view(n, trials)
+    w = torch.round(torch.sqrt(target * ar))
+    h = torch.round(torch.sqrt(target / ar))
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
+    # central fallback, torchvision's rule
+    in_ratio = width / height
+    if in_ratio < ratio[0] * aspect:
+        fw, fh = width, round(width / (ratio[0] * aspect))
+    elif in_ratio > ratio[1] * aspect:
+        fw, fh = round(height * ratio[1] * aspect), height
+    else:
+        fw, fh = width, height
+    rows = torch.arange(n)
+    pick = first.clamp(min=0)
+    cw = torch.where(first >= 0, w[rows, pick], torch.full((n,), float(fw), dtype=torch.float64))
+    ch = torch.where(first >= 0, h[rows, pick], torch.full((n,), float(fh), dtype=torch.float64))
+    u_top, u_left = torch.rand(n, generator=gen, dtype=torch.float64), torch.rand(n, generator=gen, dtype=torch.float64)
+    top = torch.floor(u_top * (height - ch + 1))
+    left = torch.floor(u_left * (width - cw + 1))
+    top = torch.where(first >= 0, top, torch.floor((height - ch) / 2))
+    left = torch.where(first >= 0, left, torch.floor((width - cw) / 2))
+    return torch.stack([top, left, ch, cw], 1)
+
+
+def resized_crop(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop each image to its box, flip it horizontally where ``flips``, resize to size x size.
+
+    images: float [B,3,H,W]; boxes: [B,4] (top, left, h, w) in pixels; flips: bool [B].
+    Bilinear ``grid_sample`` (align_corners False, border padding): one batched call.
+    """
+    b, _, height, width = images.shape
+    boxes = boxes.to(torch.float32)
+    top, left, ch, cw = boxes.unbind(1)
+    sx = cw / width
+    sy = ch / height
+    tx = (2 * left + cw) / width - 1
+    ty = (2 * top + ch) / height - 1
+    sx = torch.where(flips.cpu(), -sx, sx)
+    zeros = torch.zeros_like(sx)
+    theta = torch.stack([torch.stack([sx, zeros, tx], 1), torch.stack([zeros, sy, ty], 1)], 1)
+    grid = F.affine_grid(theta.to(images.device), [b, 3, size, size], align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """[n,3,H,W] -> [n,1,H,W] luma."""
+    r, g, b = x.unbind(1)
+    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (factor * a + (1 - factor) * b).clamp_(0, 1)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate hue by ``shift`` (fraction of a turn, [n,1,1,1]) through HSV, as torchvision does."""
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(1)
+    minc, _ = x.min(1)
+    eqc = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    sat = cr / torch.where(eqc, ones, maxc)
+    cr_div = torch.where(eqc, ones, cr)
+    rc = (maxc - r) / cr_div
+    gc = (maxc - g) / cr_div
+    bc = (maxc - b) / cr_div
+    hr = (maxc == r) * (bc - gc)
+    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+    hue = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
+    hue = torch.remainder(hue + shift[:, 0], 1.0)
+    val = maxc
+    i = torch.floor(hue * 6.0)
+    f = hue * 6.0 - i
+    i = i.to(torch.int64) % 6
+    p = (val * (1.0 - sat)).clamp(0.0, 1.0)
+    q = (val * (1.0 - sat * f)).clamp(0.0, 1.0)
+    t = (val * (1.0 - sat * (1.0 - f))).clamp(0.0, 1.0)
+    mask = i.unsqueeze(1) == torch.arange(6, device=i.device).view(-1, 1, 1)
+    a1 = torch.stack((val, q, p, p, t, val), 1)
+    a2 = torch.stack((t, val, val, q, p, p), 1)
+    a3 = torch.stack((p, p, t, val, val, q), 1)
+    a4 = torch.stack((a1, a2, a3), 1)  # [n,3,6,H,W]
+    return torch.einsum("nijk,nxijk->nxjk", mask.to(x.dtype), a4)
+
+
+def color_jitter(x: torch.Tensor, gen: torch.Generator, strengths, p: float) -> torch.Tensor:
+    """torchvision ColorJitter(b, c, s, h) applied with probability p, a random op order per sample.
+
+    x: float [B,3,H,W] in [0,1]. Factors: brightness/contrast/saturation ~ U[1-s, 1+s], hue ~ U[-h, h].
+    """
+    n = x.shape[0]
+    bri, con, sat, hue = strengths
+    apply = torch.rand(n, generator=gen) < p
+    factors = torch.stack(
+        [
+            _uniform(gen, n, max(0.0, 1 - bri), 1 + bri),
+            _uniform(gen, n, max(0.0, 1 - con), 1 + con),
+            _uniform(gen, n, max(0.0, 1 - sat), 1 + sat),
+            _uniform(gen, n, -hue, hue),
+        ],
+        1,
+    ).to(torch.float32)
+    order = torch.argsort(torch.rand(n, 4, generator=gen), dim=1)  # a uniform permutation per sample
+    device = x.device
+    factors_d = factors.to(device)
+    x = x.clone()
+    for position in range(4):
+        for op in range(4):
+            sel = torch.nonzero(apply & (order[:, position] == op)).flatten()
+            if sel.numel() == 0:
+                continue
+            sel_d = sel.to(device)
+            part = x.index_select(0, sel_d)
+            f = factors_d.index_select(0, sel_d)[:, op].view(-1, 1, 1, 1)
+            if op == 0:
+                part = (part * f).clamp_(0, 1)
+            elif op == 1:
+                mean = grayscale(part).mean(dim=(1, 2, 3), keepdim=True)
+                part = _blend(part, mean, f)
+            elif op == 2:
+                part = _blend(part, grayscale(part), f)
+            else:
+                part = adjust_hue(part, f)
+            x.index_copy_(0, sel_d, part)
+    return x
+
+
+def random_grayscale(x: torch.Tensor, gen: torch.Generator, p: float) -> torch.Tensor:
+    sel = (torch.rand(x.shape[0], generator=gen) < p).to(x.device).view(-1, 1, 1, 1)
+    return torch.where(sel, grayscale(x).expand_as(x), x)
+
+
+def gaussian_blur(x: torch.Tensor, gen: torch.Generator, p: float, sigma_range) -> torch.Tensor:
+    """Per-sample Gaussian blur (sigma ~ U(sigma_range)) with probability p; kernel ~10 % of the side, odd."""
+    n, c, h, w = x.shape
+    apply = torch.rand(n, generator=gen) < p
+    sigma = _uniform(gen, n, *sigma_range).to(torch.float32)
+    k = max(3, int(0.1 * min(h, w)) // 2 * 2 + 1)
+    sel = torch.nonzero(apply).flatten()
+    if sel.numel() == 0:
+        return x
+    coords = torch.arange(k, dtype=torch.float32) - k // 2
+    kern = torch.exp(-(coords[None] ** 2) / (2 * sigma[sel, None] ** 2))
+    kern = (kern / kern.sum(1, keepdim=True)).to(x.device)  # [m,k]
+    sel_d = sel.to(x.device)
+    part = x.index_select(0, sel_d)
+    m = part.shape[0]
+    flat = part.reshape(1, m * c, h, w)
+    kx = kern.repeat_interleave(c, 0).view(m * c, 1, 1, k)
+    ky = kern.repeat_interleave(c, 0).view(m * c, 1, k, 1)
+    pad = k // 2
+    flat = F.conv2d(F.pad(flat, (pad, pad, 0, 0), mode="reflect"), kx, groups=m * c)
+    flat = F.conv2d(F.pad(flat, (0, 0, pad, pad), mode="reflect"), ky, groups=m * c)
+    out = x.clone()
+    out.index_copy_(0, sel_d, flat.view(m, c, h, w))
+    return out
+
+
+def random_solarize(x: torch.Tensor, gen: torch.Generator, p: float, threshold: float = 0.5) -> torch.Tensor:
+    sel = (torch.rand(x.shape[0], generator=gen) < p).to(x.device).view(-1, 1, 1, 1)
+    return torch.where(sel & (x >= threshold), 1.0 - x, x)
+
+
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B,3,H,W] (any memory format) -> float32 in [0,1], contiguous."""
+    return images.to(torch.float32).div_(255.0).contiguous()
+
+
+def augment_view(images01: torch.Tensor, gen: torch.Generator, recipe: Recipe, size: int, mean, std) -> torch.Tensor:
+    """One SSL view of every image: float [B,3,H,W] in [0,1] -> normalised float [B,3,size,size]."""
+    b, _, h, w = images01.shape
+    boxes = crop_boxes(gen, b, h, w, recipe.crop_scale, recipe.crop_ratio)
+    flips = torch.rand(b, generator=gen) < recipe.flip_p
+    x = resized_crop(images01, boxes, flips, size).clamp_(0, 1)
+    if recipe.jitter_p > 0:
+        x = color_jitter(x, gen, recipe.jitter, recipe.jitter_p)
+    if recipe.gray_p > 0:
+        x = random_grayscale(x, gen, recipe.gray_p)
+    if recipe.blur_p > 0:
+        x = gaussian_blur(x, gen, recipe.blur_p, recipe.blur_sigma)
+    if recipe.solarize_p > 0:
+        x = random_solarize(x, gen, recipe.solarize_p)
+    return normalize(x, mean, std)
+
+
+def make_views(images_uint8: torch.Tensor, gen: torch.Generator, recipe: Recipe, size: int, num_views: int, mean, std) -> list[torch.Tensor]:
+    """``num_views`` independent views of one decoded batch (decoded once, augmented K times)."""
+    x = to_float(images_uint8)
+    return [augment_view(x, gen, recipe, size, mean, std) for _ in range(num_views)]
+
+
+def eval_transform(images_uint8: torch.Tensor, size: int, mean, std) -> torch.Tensor:
+    """No augmentation: resize to size x size when needed (antialiased bilinear), normalise."""
+    x = to_float(images_uint8)
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp_(0, 1)
+    return normalize(x, mean, std)
