@@ -113,3 +113,99 @@ def test_state_respects_enabled_and_start_epoch():
     assert not late.update(x, epoch=1)
     assert late.update(x, epoch=2)
     assert math.isclose(float(late.weights(torch.arange(20)).mean()), 1.0, rel_tol=1e-6)
+
+
+# ----------------------------------------------------------------------------- TASE in the contrastive losses
+
+from ltssl.config import ConfigError  # noqa: E402
+from ltssl.methods import METHODS, build_method, method_class  # noqa: E402
+from ltssl.methods.base import info_nce, nt_xent  # noqa: E402
+
+
+def _cfg(name, **over):
+    base = {"method.name": name, "model.backbone": "small_cnn", "model.norm": "group", "data.image_size": 16,
+            "method.proj_dim": 16, "method.proj_hidden_dim": 16, "method.moco_queue_size": 32,
+            "method.temperature": 0.2, "method.tase.enabled": True, "method.tase.num_clusters": 2,
+            "method.tase.tau_min": 0.1, "method.tase.tau_max": 0.5}
+    base.update(over)
+    return load_config(overrides=base)
+
+
+def _batch(b=6, n_train=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    views = [torch.randn(b, 3, 16, 16, generator=g) for _ in range(2)]
+    return views, {"label": torch.zeros(b, dtype=torch.long), "index": torch.randperm(n_train, generator=g)[:b]}
+
+
+@pytest.mark.parametrize("name", ["simclr", "moco_v2"])
+def test_tase_temperatures_and_weights_reach_the_contrastive_loss(name):
+    torch.manual_seed(0)
+    method = build_method(_cfg(name), num_classes=2)
+    assert isinstance(method, METHODS[name]) and type(method).__name__.endswith("TASE")
+    views, batch = _batch()
+
+    def loss_with(tau, weight):
+        if name == "simclr":
+            z = [method.embed(v)["z"] for v in views]
+            return nt_xent(z[0], z[1], tau) * weight
+        ks = method._keys
+        q = [method._query(v) for v in views]
+        queue = method.queue.clone()
+        return 0.5 * (info_nce(q[0], ks[1], queue, tau) + info_nce(q[1], ks[0], queue, tau)) * weight
+
+    # before any clustering: the global temperature, weight 1
+    assert method.wants_train_features(0)
+    first = method(views, batch)
+    if name == "moco_v2":
+        first = method(views, batch, update_state=False)
+    assert torch.allclose(first, loss_with(0.2, 1.0), atol=1e-6)
+
+    # hand-made training features: 16 samples in one cluster, 4 in another
+    feats, groups = _blobs([16, 4], dim=8)
+    method.on_train_features(feats, groups, epoch=0)
+    assert not method.wants_train_features(0)
+    labels = method.tase.current.pseudo_labels
+    assert _same_partition(labels, groups)
+    size = torch.bincount(groups)[groups].double()
+    tau_i = (0.1 + 0.4 * (size / 16).sqrt()).float()[batch["index"]]
+    w_i = (size.pow(-0.5) * 20 / (16 * 16 ** -0.5 + 4 * 4 ** -0.5)).float()[batch["index"]]
+    assert torch.allclose(method.sample_temperature(batch), tau_i) and torch.allclose(method.sample_weight(batch), w_i)
+    loss = method(views, batch)
+    if name == "moco_v2":
+        loss = method(views, batch, update_state=False)
+    assert torch.allclose(loss, loss_with(tau_i, w_i), atol=1e-5)
+    assert not torch.allclose(loss, loss_with(0.2, 1.0), atol=1e-3)
+
+
+def test_nt_xent_row_uses_its_own_sample_temperature():
+    g = torch.Generator().manual_seed(0)
+    za, zb = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    tau = torch.tensor([0.1, 0.2, 0.3, 0.5])
+    a, b = torch.nn.functional.normalize(za, dim=1), torch.nn.functional.normalize(zb, dim=1)
+
+    def row(anchor, same, other, i):
+        logits = torch.cat([anchor[i] @ other.T, torch.cat([anchor[i] @ same[:i].T, anchor[i] @ same[i + 1:].T])]) / tau[i]
+        return -(logits[i] - torch.logsumexp(logits, 0))
+
+    expected = torch.stack([0.5 * (row(a, a, b, i) + row(b, b, a, i)) for i in range(4)])
+    assert torch.allclose(nt_xent(za, zb, tau), expected, atol=1e-5)
+
+
+def test_tase_assignment_survives_a_checkpoint(tmp_path):
+    cfg = _cfg("simclr")
+    torch.manual_seed(0)
+    method = build_method(cfg, num_classes=2)
+    feats, groups = _blobs([16, 4], dim=8)
+    method.on_train_features(feats, groups, epoch=0)
+    torch.save(method.state_dict(), tmp_path / "m.pt")
+    fresh = build_method(cfg, num_classes=2)
+    fresh.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
+    index = torch.arange(20)
+    assert torch.equal(fresh.tase.temperatures(index), method.tase.temperatures(index))
+    assert not fresh.wants_train_features(0) and fresh.wants_train_features(1)
+
+
+def test_tase_needs_a_contrastive_method():
+    with pytest.raises(ConfigError, match="method.tase.enabled needs a contrastive method.name"):
+        method_class(_cfg("simsiam"))
+    assert method_class(_cfg("simclr", **{"method.tase.enabled": False})) is METHODS["simclr"]

@@ -42,7 +42,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["STATISTICS", "extreme_statistic", "extreme_feature_mask", "filter_views", "view_pairs"]
+__all__ = ["STATISTICS", "extreme_statistic", "extreme_feature_mask", "filter_views", "with_feature_filter"]
 
 STATISTICS = ("spread", "zscore")
 
@@ -101,12 +101,49 @@ def filter_views(outs: list[dict], quantile: float, statistic: str = "spread", k
     return [{name: (t * keep if torch.is_tensor(t) and t.shape == shape else t) for name, t in o.items()} for o in outs]
 
 
-def view_pairs(num_views: int, pairing: str) -> list[tuple[int, int]]:
-    """The view pairs the loss averages: ``all_pairs`` (i < j) or ``anchor`` ((0, j), j >= 1)."""
-    if num_views < 2:
-        raise ValueError(f"data.num_views must be >= 2 for an SSL loss, got {num_views}")
-    if pairing == "all_pairs":
-        return [(i, j) for i in range(num_views) for j in range(i + 1, num_views)]
-    if pairing == "anchor":
-        return [(0, j) for j in range(1, num_views)]
-    raise ValueError(f"method.multiview.pairing must be all_pairs or anchor, got {pairing!r}")
+# ----------------------------------------------------------------------------- the method option
+
+#: per method: the per-view output the statistic is computed on, and outputs re-L2-normalised after masking
+FILTER_KEYS = {"simsiam": ("z", ()), "simclr": ("z", ()), "moco_v2": ("q", ("q", "k"))}
+
+
+class FeatureFilterMixin:
+    """The extreme-feature filter in the base class's ``postprocess_views`` hook (before pairing).
+
+    MoCo's query and key are unit vectors against a unit-vector queue, so after masking they
+    are re-normalised; SimCLR's NT-Xent and SimSiam's cosine normalise by themselves.
+    """
+
+    def __init__(self, cfg, encoder, num_classes):
+        super().__init__(cfg, encoder, num_classes)
+        mv = cfg.method.multiview
+        self.filter_quantile = mv.filter_quantile
+        self.filter_statistic = mv.filter_statistic
+        self.filter_key, self.filter_renormalise = FILTER_KEYS[cfg.method.name]
+
+    def postprocess_views(self, outs: list[dict], batch: dict) -> list[dict]:
+        outs = super().postprocess_views(outs, batch)
+        filtered = filter_views(outs, self.filter_quantile, self.filter_statistic, key=self.filter_key)
+        if self.filter_renormalise and filtered is not outs:
+            for o in filtered:
+                for name in self.filter_renormalise:
+                    o[name] = torch.nn.functional.normalize(o[name], dim=1)
+        return filtered
+
+
+def with_feature_filter(cls: type, cfg) -> type:
+    """``cls`` itself, or a subclass with :class:`FeatureFilterMixin` when the filter is on."""
+    mv = cfg.method.multiview
+    if mv.filter_quantile <= 0:
+        return cls
+    from ltssl.config import ConfigError
+
+    if cfg.method.name not in FILTER_KEYS:
+        raise ConfigError(
+            f"method.multiview.filter_quantile > 0 needs an SSL method.name ({', '.join(FILTER_KEYS)}), got {cfg.method.name!r}"
+        )
+    if mv.filter_quantile >= 1:
+        raise ConfigError(f"method.multiview.filter_quantile must be < 1 (1 would mask every dimension), got {mv.filter_quantile}")
+    if mv.filter_statistic == "spread" and cfg.data.num_views < 2:
+        raise ConfigError(f"method.multiview.filter_statistic spread needs data.num_views >= 2, got {cfg.data.num_views}")
+    return type(f"{cls.__name__}Filtered", (FeatureFilterMixin, cls), {"__module__": cls.__module__})

@@ -227,3 +227,55 @@ class TaseState:
 
     def load_state_dict(self, state: dict) -> None:
         self.current = TaseAssignment(**state) if state else None
+
+
+# ----------------------------------------------------------------------------- the method option
+
+#: methods whose pair loss is InfoNCE with ``temperature_for(batch)`` (TASE's base)
+TASE_METHODS = ("simclr", "moco_v2")
+
+
+class TaseMixin:
+    """TASE on a contrastive :class:`ltssl.methods.base.Method` (rules 1-4 above).
+
+    Fills the base class's hooks: ``wants_train_features``/``on_train_features``
+    (re-cluster the all-sample encoder features), ``sample_temperature`` (tau_i) and
+    ``sample_weight`` (w_i), looked up by ``batch["index"]``. The assignment travels in
+    the module's ``state_dict`` (``_extra_state``), so a resumed run keeps it.
+    """
+
+    def __init__(self, cfg, encoder, num_classes):
+        super().__init__(cfg, encoder, num_classes)
+        self.tase = TaseState(cfg.method.tase, seed=cfg.train.seed)
+
+    def wants_train_features(self, epoch: int) -> bool:
+        return self.tase.due(epoch) or super().wants_train_features(epoch)
+
+    def on_train_features(self, features: Tensor, labels: Tensor, epoch: int) -> None:
+        super().on_train_features(features, labels, epoch)
+        self.tase.update(features, epoch)
+
+    def sample_temperature(self, batch: dict) -> Tensor | None:
+        return self.tase.temperatures(batch["index"])
+
+    def sample_weight(self, batch: dict) -> Tensor | None:
+        return self.tase.weights(batch["index"])
+
+    def get_extra_state(self) -> dict:
+        return self.tase.state_dict()
+
+    def set_extra_state(self, state: dict) -> None:
+        self.tase.load_state_dict(state)
+
+
+def with_tase(cls: type, cfg) -> type:
+    """``cls`` itself, or a subclass with :class:`TaseMixin` when ``cfg.method.tase.enabled``."""
+    if not cfg.method.tase.enabled:
+        return cls
+    if cfg.method.name not in TASE_METHODS:
+        from ltssl.config import ConfigError
+
+        raise ConfigError(
+            f"method.tase.enabled needs a contrastive method.name ({', '.join(TASE_METHODS)}), got {cfg.method.name!r}"
+        )
+    return type(f"{cls.__name__}TASE", (TaseMixin, cls), {"__module__": cls.__module__})
