@@ -329,9 +329,22 @@ class JobHandle:
             return "COMPLETED" if outcome[0] == "success" else "FAILED"
         return "FAILED"
 
+    def _final_result(self) -> tuple[str, Any] | None:
+        """Rank 0's outcome when it is final: a success, or (locally) an error.
+
+        On Slurm an error is final only once the job has ended: after a node failure the surviving
+        rank of the interrupted attempt writes an error result, then Slurm requeues the job and the
+        next attempt replaces it, so an error read while the job is not in a terminal state may be
+        stale (:meth:`result` reads it again once the job has ended).
+        """
+        outcome = self._read_result(0)
+        if outcome is not None and outcome[0] == "error" and self.executor == "slurm":
+            return None
+        return outcome
+
     def done(self) -> bool:
         """Whether the job has ended (or its rank-0 result is already there)."""
-        if self._read_result(0) is not None:
+        if self._final_result() is not None:
             return True
         return self.state in slurm.TERMINAL_STATES
 
@@ -352,7 +365,7 @@ class JobHandle:
         while True:
             if self._was_cancelled():
                 raise JobCancelledError(f"job {self.job_id} was cancelled")
-            outcome = self._read_result(0)
+            outcome = self._final_result()
             if outcome is not None:
                 return self._unwrap(outcome, task=0)
             state = self.state
