@@ -63,7 +63,8 @@ _netns_free_slot() {
 }
 
 # netns_up STATE CTL_NAME NODE... : make the bridge, one namespace per node, the veths and
-# the hosts file. Idempotence is the caller's business: call netns_down first.
+# the hosts file, where CTL_NAME (the controller: slurmctld's host, in the root namespace)
+# resolves to the bridge address. Idempotence is the caller's business: call netns_down first.
 netns_up() {
   local state=$1 ctl=$2
   shift 2
@@ -72,10 +73,11 @@ netns_up() {
   command -v ip >/dev/null || { _netns_die "'ip' (iproute2) is not installed"; return 1; }
   mkdir -p "$rec"
   bridge=$(netns_bridge_name "$state")
-  # Two bring-ups racing for the same slot: serialise the pick-and-claim.
-  lock=/run/lock/ltssl-netns.lock
-  mkdir -p /run/lock
-  exec {_netns_lock_fd}>"$lock"
+  # Two bring-ups racing for the same slot: serialise the pick-and-claim. The lock is the
+  # folder `ip netns` keeps its namespaces in (it makes it anyway), so nothing is left behind.
+  lock=/run/netns
+  mkdir -p "$lock"
+  exec {_netns_lock_fd}<"$lock"
   flock "$_netns_lock_fd"
   slot=$(_netns_free_slot) || { flock -u "$_netns_lock_fd"; exec {_netns_lock_fd}>&-; return 1; }
   base=$((slot * NETNS_SLOT_SIZE))
@@ -131,27 +133,16 @@ netns_exec() {
     netns-exec "$node" "$state/netns/hosts" "$@"
 }
 
-# netns_ctl_exec STATE CMD... : run CMD in the root network namespace under the
-# controller's hostname (slurmctld refuses to start unless hostname == SlurmctldHost).
-netns_ctl_exec() {
-  local state=$1 ctl
-  shift
-  ctl=$(awk 'NR == 2 {print $2}' "$state/netns/hosts")
-  unshare --uts /bin/sh -c 'hostname "$1" && shift && exec "$@"' netns-ctl "$ctl" "$@"
-}
-
-# netns_start_slurmd STATE NODE SLURMD_ARGS... : start `slurmd -D -N NODE ARGS` inside the
-# node, in the background, logging to <state>/netns/NODE.slurmd.out; records the pid and
-# the command (so `netns.sh start NODE` can bring a crashed node back). Returns at once.
+# netns_start_slurmd STATE NODE LOG SLURMD_ARGS... : run `slurmd -N NODE SLURMD_ARGS` inside
+# the node, its output appended to LOG. slurmd daemonizes (writing its SlurmdPidFile), so this
+# returns once it has; it fails when slurmd fails to start. The command is recorded, so
+# `netns.sh start NODE` brings a crashed node back the same way.
 netns_start_slurmd() {
-  local state=$1 node=$2
-  shift 2
-  local rec="$state/netns" pid
-  printf '%q ' "$@" >"$rec/$node.slurmd.args"
+  local state=$1 node=$2 log=$3
+  shift 3
+  printf '%q ' "$log" "$@" >"$state/netns/$node.slurmd.args"
   setsid bash -c 'source "$1"; shift; netns_exec "$@"' netns-slurmd "${BASH_SOURCE[0]}" \
-    "$state" "$node" slurmd -D -N "$node" "$@" </dev/null >>"$rec/$node.slurmd.out" 2>&1 &
-  pid=$!
-  echo "$pid" >"$rec/$node.slurmd.pid"
+    "$state" "$node" slurmd -N "$node" "$@" </dev/null >>"$log" 2>&1
 }
 
 # netns_pids STATE NODE -> every pid running in the node's network namespace
@@ -234,7 +225,7 @@ usage: slurm/lib/netns.sh COMMAND [ARGS]   (cluster: $LTSSL_CLUSTER_DIR, default
   exec NODE CMD...       run CMD on a node (its namespace, hostname and hosts file), e.g. srun
   pids NODE              the pids running on a node
   crash NODE             kill every process of a node (SIGKILL): a node crash
-  start NODE             start the node's slurmd again with the arguments it was first given
+  start NODE             start the node's slurmd again as it was first started (after a crash)
   leftovers              namespaces and links of any ltssl cluster still present
 EOF
 }
