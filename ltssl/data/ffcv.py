@@ -322,17 +322,28 @@ def _check_indices(indices, n: int, beton) -> np.ndarray | None:
 # ----------------------------------------------------------------------------- loading
 
 
-def _image_pipeline(meta: dict, decode_size: int | None):
+def _image_pipeline(meta: dict, size: int | None, ratio: float = 1.0):
+    """FFCV image pipeline -> uint8 [B,3,H,W] (channels-last memory).
+
+    Raw files of one image shape decode as stored. JPEG files of varying sizes decode the
+    central square (side ``ratio`` x the shorter side) resized to ``size`` x ``size``.
+    """
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, SimpleRGBImageDecoder
     from ffcv.transforms import ToTensor, ToTorchImage
 
     if meta.get("image_shape"):
         decoder = SimpleRGBImageDecoder()
     else:
-        # JPEG of varying sizes: decode the central square at a fixed size, crop views from it.
-        size = int(decode_size or meta.get("decode_size") or meta.get("max_resolution") or 256)
-        decoder = CenterCropRGBImageDecoder((size, size), ratio=1.0)
+        decoder = CenterCropRGBImageDecoder((int(size), int(size)), ratio=float(ratio))
     return [decoder, ToTensor(), ToTorchImage(channels_last=True)]
+
+
+def _sidecar(beton) -> dict:
+    """The sidecar dict, or {} when it is missing or unreadable (open_beton then reports why)."""
+    try:
+        return json.loads(meta_path(beton).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _int_pipeline():
@@ -409,11 +420,13 @@ class _BetonLoader:
 
     def __init__(self, beton, *, batch_size: int, num_workers: int, order: str, seed: int, distributed: bool,
                  drop_last: bool, indices, verify: str, fetch_timeout_s: float, batches_ahead: int,
-                 decode_size: int | None):
+                 crop: tuple[int | None, float]):
         if int(batch_size) < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
         self.beton = Path(beton)
         self.meta, reader = open_beton(self.beton, verify)
+        if not self.meta.get("image_shape") and not crop[0]:
+            raise DataError(f"{self.beton} holds JPEG images of varying sizes: give decode_size / image_size")
         self.num_samples = int(self.meta["num_samples"])
         self.num_classes = int(self.meta["num_classes"])
         self.mean, self.std = self.meta["mean"], self.meta["std"]
@@ -435,7 +448,7 @@ class _BetonLoader:
                 distributed=distributed,
                 seed=self.seed,
                 indices=idx,
-                pipelines={"image": _image_pipeline(self.meta, decode_size), "label": _int_pipeline(),
+                pipelines={"image": _image_pipeline(self.meta, *crop), "label": _int_pipeline(),
                            "index": _int_pipeline()},
                 drop_last=drop_last,
                 batches_ahead=int(batches_ahead),
@@ -494,9 +507,10 @@ class SSLLoader(_BetonLoader):
         self.num_views = int(num_views)
         self.image_size = int(image_size)
         self.device = torch.device(device)
+        decode_size = decode_size or _sidecar(beton).get("decode_size")
         super().__init__(beton, batch_size=batch_size, num_workers=num_workers, order="random", seed=seed,
                          distributed=distributed, drop_last=drop_last, indices=indices, verify=verify,
-                         fetch_timeout_s=fetch_timeout_s, batches_ahead=batches_ahead, decode_size=decode_size)
+                         fetch_timeout_s=fetch_timeout_s, batches_ahead=batches_ahead, crop=(decode_size, 1.0))
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
         for step, (images, labels, index) in self._batches(epoch, start_step):
@@ -522,13 +536,19 @@ class EvalLoader(_BetonLoader):
                  image_size: int | None = None, indices=None, verify: str = "auto",
                  fetch_timeout_s: float = DEFAULT_FETCH_TIMEOUT_S, batches_ahead: int = 2, decode_size: int | None = None):
         self.device = torch.device(device)
+        side = _sidecar(beton)
+        shape = side.get("image_shape")
+        if image_size is None:
+            image_size = side.get("eval_size") or (shape[0] if shape else None)
+        if image_size is None:
+            raise DataError(f"{beton} holds JPEG images of varying sizes: give image_size")
+        self.image_size = int(image_size)
+        decode_size = decode_size or side.get("decode_size") or self.image_size
+        # JPEG: the classic eval crop, the central (image_size / decode_size) of the shorter side (224/256).
+        crop = (self.image_size, min(1.0, self.image_size / decode_size))
         super().__init__(beton, batch_size=batch_size, num_workers=num_workers, order="sequential", seed=0,
                          distributed=distributed, drop_last=False, indices=indices, verify=verify,
-                         fetch_timeout_s=fetch_timeout_s, batches_ahead=batches_ahead, decode_size=decode_size)
-        shape = self.meta.get("image_shape")
-        if image_size is None:
-            image_size = int(self.meta.get("eval_size") or (shape[0] if shape else decode_size or self.meta.get("max_resolution")))
-        self.image_size = int(image_size)
+                         fetch_timeout_s=fetch_timeout_s, batches_ahead=batches_ahead, crop=crop)
 
     def __iter__(self) -> Iterator[dict]:
         for _, (images, labels, index) in self._batches(0, 0):
@@ -538,3 +558,16 @@ class EvalLoader(_BetonLoader):
                 "label": labels.reshape(-1).to(self.device, copy=True),
                 "index": index.reshape(-1).to(self.device, copy=True),
             }
+
+
+def read_beton(beton, *, batch_size: int = 256, num_workers: int = 1, verify: str = "auto") -> dict:
+    """Every sample of a raw .beton as stored: dict of image uint8 [n,H,W,3], label and index int64 [n] (numpy)."""
+    base = _BetonLoader(beton, batch_size=batch_size, num_workers=num_workers, order="sequential", seed=0,
+                        distributed=False, drop_last=False, indices=None, verify=verify,
+                        fetch_timeout_s=DEFAULT_FETCH_TIMEOUT_S, batches_ahead=1, crop=(_sidecar(beton).get("decode_size"), 1.0))
+    images, labels, index = [], [], []
+    for _, (img, lab, idx) in base._batches(0, 0):
+        images.append(img.permute(0, 2, 3, 1).numpy().copy())
+        labels.append(lab.reshape(-1).numpy().copy())
+        index.append(idx.reshape(-1).numpy().copy())
+    return {"image": np.concatenate(images), "label": np.concatenate(labels), "index": np.concatenate(index)}
