@@ -507,7 +507,7 @@ class SSLLoader(_BetonLoader):
         self.num_views = int(num_views)
         self.image_size = int(image_size)
         self.device = torch.device(device)
-        decode_size = decode_size or _sidecar(beton).get("decode_size")
+        decode_size = decode_size or (_sidecar(beton) or open_beton(beton, "size")[0]).get("decode_size")
         super().__init__(beton, batch_size=batch_size, num_workers=num_workers, order="random", seed=seed,
                          distributed=distributed, drop_last=drop_last, indices=indices, verify=verify,
                          fetch_timeout_s=fetch_timeout_s, batches_ahead=batches_ahead, crop=(decode_size, 1.0))
@@ -536,7 +536,7 @@ class EvalLoader(_BetonLoader):
                  image_size: int | None = None, indices=None, verify: str = "auto",
                  fetch_timeout_s: float = DEFAULT_FETCH_TIMEOUT_S, batches_ahead: int = 2, decode_size: int | None = None):
         self.device = torch.device(device)
-        side = _sidecar(beton)
+        side = _sidecar(beton) or open_beton(beton, "size")[0]  # open_beton explains a missing sidecar
         shape = side.get("image_shape")
         if image_size is None:
             image_size = side.get("eval_size") or (shape[0] if shape else None)

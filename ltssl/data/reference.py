@@ -37,7 +37,7 @@ def build_transform(recipe: Recipe, image_size: int, mean: Sequence[float], std:
         k = max(3, int(0.1 * image_size) // 2 * 2 + 1)
         ops.append(T.RandomApply([T.GaussianBlur(k, sigma=recipe.blur_sigma)], p=recipe.blur_p))
     if recipe.solarize_p > 0:
-        ops.append(T.RandomSolarize(128, p=recipe.solarize_p)  # uint8 threshold = 0.5 of the range)
+        ops.append(T.RandomSolarize(128, p=recipe.solarize_p))  # uint8 threshold: half the range
     if backend == "pil":
         ops.append(T.ToTensor())
     elif backend == "tensor":
