@@ -1,0 +1,102 @@
+"""The sweep's own record of its trials: one small JSON file per trial, written atomically.
+
+Ray Tune's experiment snapshot is not enough to resume a sweep that drives Slurm jobs (it may
+predate the last finished trials, and it restarts running trials from scratch with new jobs), so
+the sweep keeps ``<output-dir>/ledger/<trial_id>.json``::
+
+    {"trial_id": "t0003", "status": "running", "params": {"optim.rho": 0.52, ...},
+     "config": {...resolved training config...}, "group": "digits/r=10/lt/simsiam",
+     "run_dir": ".../trials/t0003", "job_id": "17", "job_ids": ["12", "17"],
+     "partition": "cpu", "error": null, "updated": 1732412345.2}
+
+Status moves ``pending -> submitting -> running -> completed | stopped_early | failed |
+cancelled``. ``submitting`` is written before a job is submitted and ``running`` (with the job
+id) right after, so a driver killed in between still finds the job through ``run_dir/job.json``.
+Writers (the driver and the trial actors, separate processes) take a per-trial ``flock``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from ltssl.config import atomic_write_text
+
+#: Statuses of a trial that is over: a resumed sweep does not run it again.
+FINISHED = ("completed", "stopped_early", "failed")
+#: Every status a results row can have.
+RESULT_STATUSES = ("completed", "stopped_early", "failed", "cancelled")
+STATUSES = ("pending", "submitting", "running") + RESULT_STATUSES
+#: Written into the sweep folder by a driver that stops on SIGTERM: trials leave their jobs running.
+DETACH_MARKER = ".detached"
+
+
+class Ledger:
+    """Per-trial JSON records under ``<output_dir>/ledger``."""
+
+    def __init__(self, output_dir: str | os.PathLike):
+        self.output_dir = Path(output_dir)
+        self.folder = self.output_dir / "ledger"
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, trial_id: str) -> Path:
+        return self.folder / f"{trial_id}.json"
+
+    @contextlib.contextmanager
+    def _locked(self, trial_id: str) -> Iterator[None]:
+        with open(self.folder / f".{trial_id}.lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def exists(self, trial_id: str) -> bool:
+        return self.path(trial_id).is_file()
+
+    def read(self, trial_id: str) -> dict:
+        return json.loads(self.path(trial_id).read_text())
+
+    def create(self, entry: dict) -> dict:
+        """Write a new record (status pending unless given); an existing record is kept as is."""
+        trial_id = entry["trial_id"]
+        with self._locked(trial_id):
+            if self.path(trial_id).is_file():
+                return self.read(trial_id)
+            record = {"status": "pending", "job_id": None, "job_ids": [], "error": None, **entry}
+            record["updated"] = time.time()
+            atomic_write_text(self.path(trial_id), json.dumps(record, indent=1, default=str))
+            return record
+
+    def update(self, trial_id: str, **fields: Any) -> dict:
+        """Read-modify-write one record under its lock; returns the new record."""
+        with self._locked(trial_id):
+            record = self.read(trial_id)
+            job_id = fields.get("job_id")
+            if job_id is not None and job_id not in record.get("job_ids", []):
+                record.setdefault("job_ids", []).append(job_id)
+            record.update(fields)
+            record["updated"] = time.time()
+            atomic_write_text(self.path(trial_id), json.dumps(record, indent=1, default=str))
+            return record
+
+    def all(self) -> list[dict]:
+        """Every record, ordered by trial id."""
+        records = []
+        for path in sorted(self.folder.glob("t*.json")):
+            try:
+                records.append(json.loads(path.read_text()))
+            except (OSError, json.JSONDecodeError):
+                continue  # atomic writes make this a file being created right now
+        return records
+
+    def counts(self) -> dict[str, int]:
+        counts = {s: 0 for s in STATUSES}
+        for record in self.all():
+            counts[record["status"]] = counts.get(record["status"], 0) + 1
+        return counts

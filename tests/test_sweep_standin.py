@@ -1,0 +1,93 @@
+"""A stand-in trainer for the sweep tests (never used by the product), and its own checks.
+
+``train(cfg, run_dir, epoch_s=...)`` keeps the trainer's contract where the sweep depends on it:
+one metrics.jsonl line per step and per evaluation (``epoch``, ``step``, ``time``, ``loss``,
+``knn_acc``), a final line with ``"final": true`` and the result keys, ``result.json`` written
+atomically, and resumption from ``run_dir/checkpoints/last.json`` (the epoch reached), so a
+resubmitted job continues instead of starting over. Its accuracy is a deterministic function of
+the config (rho and imbalance ratio), so scheduler decisions in the tests are predictable.
+
+Failures on purpose: ``optim.rho == FAIL_RHO`` raises at epoch 2 (a failed job).
+The jobs import this file as the module ``test_sweep_standin`` (the tests put tests/ on PYTHONPATH).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+from ltssl.config import atomic_write_text, load_config
+
+FAIL_RHO = 0.0123
+TARGET = "test_sweep_standin:train"
+
+
+def accuracy(cfg, epoch: int) -> float:
+    """kNN accuracy of the stand-in: higher for rho near 1, lower for larger imbalance ratios."""
+    base = 0.9 - 0.15 * abs(math.log10(max(cfg.optim.rho, 1e-6))) - 0.05 * math.log10(cfg.data.imbalance_ratio)
+    return round(max(0.05, base) * (1 - 0.5 ** epoch), 6)
+
+
+def train(cfg, run_dir, epoch_s: float = 0.3, steps_per_epoch: int = 2, pid_log: bool = True) -> dict:
+    run_dir = Path(run_dir)
+    ckpt = run_dir / "checkpoints" / "last.json"
+    start = json.loads(ckpt.read_text())["epoch"] if ckpt.exists() else 0
+    if pid_log:
+        with open(run_dir / "starts.log", "a") as fh:
+            fh.write(f"{os.getpid()} {start}\n")
+    started = time.time()
+    with open(run_dir / "metrics.jsonl", "a") as out:
+        for epoch in range(start + 1, cfg.train.epochs + 1):
+            previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR2})
+            try:
+                for s in range(steps_per_epoch):
+                    time.sleep(epoch_s / steps_per_epoch)
+                    step = (epoch - 1) * steps_per_epoch + s + 1
+                    out.write(json.dumps({"epoch": epoch, "step": step, "time": time.time(), "loss": 1.0 / step, "lr": 0.06}) + "\n")
+                    out.flush()
+                if cfg.optim.rho == FAIL_RHO and epoch == 2:
+                    raise ValueError(f"stand-in failure at epoch {epoch} (rho {cfg.optim.rho})")
+                out.write(json.dumps({"epoch": epoch, "step": epoch * steps_per_epoch, "time": time.time(),
+                                      "knn_acc": accuracy(cfg, epoch)}) + "\n")
+                out.flush()
+                ckpt.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(ckpt, json.dumps({"epoch": epoch}))
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        n_classes = 10
+        counts = [int(100 * cfg.data.imbalance_ratio ** (-c / (n_classes - 1))) for c in range(n_classes)]
+        final_acc = accuracy(cfg, cfg.train.epochs)
+        per_class = [round(final_acc * (0.7 + 0.3 * math.log(n) / math.log(100)), 6) for n in counts]
+        result = {
+            "knn_acc": final_acc,
+            "linear_acc": round(final_acc + 0.02, 6),
+            "acc_many": per_class[0], "acc_medium": per_class[4], "acc_few": per_class[-1],
+            "per_class_acc": per_class,
+            "ood_linear_acc": round(final_acc * 0.8, 6) if cfg.data.ood_dataset else None,
+            "epochs_run": cfg.train.epochs,
+            "train_time_s": time.time() - started,
+            "n_train": sum(counts),
+            "num_classes": n_classes,
+            "class_counts": counts,
+            "world_size": 1,
+            "final_loss": 0.1,
+        }
+        atomic_write_text(run_dir / "result.json", json.dumps(result))
+        out.write(json.dumps({"epoch": cfg.train.epochs, "step": cfg.train.epochs * steps_per_epoch,
+                              "time": time.time(), "final": True, **result}) + "\n")
+    return result
+
+
+def test_standin_resumes_from_its_checkpoint(tmp_path):
+    cfg = load_config({"train": {"epochs": 3}, "optim": {"rho": 1.0}})
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.json").write_text(json.dumps({"epoch": 2}))
+    result = train(cfg, tmp_path, epoch_s=0.01)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {x["epoch"] for x in lines} == {3}  # epochs 1-2 were not trained again
+    assert lines[-1]["final"] is True and result["epochs_run"] == 3
+    assert json.loads((tmp_path / "result.json").read_text())["knn_acc"] == accuracy(cfg, 3)
