@@ -62,6 +62,25 @@ _netns_free_slot() {
   _netns_die "all $NETNS_SLOTS address slots of $NETNS_SUBNET_PREFIX.0/24 are in use (other clusters are up)"
 }
 
+# _netns_purge STATE NODE... : remove namespaces and links of these names left by an earlier
+# cluster in the same folder whose records are gone (a wiped folder, a killed script)
+_netns_purge() {
+  local state=$1 node ns pids
+  shift
+  for node in "$@"; do
+    ns=$(netns_ns_name "$state" "$node")
+    if [[ -e "/run/netns/$ns" ]]; then
+      pids=$(ip netns pids "$ns" 2>/dev/null || true)
+      # shellcheck disable=SC2086
+      [[ -n "$pids" ]] && kill -KILL $pids 2>/dev/null
+      ip netns del "$ns" 2>/dev/null || true
+    fi
+    ip link del "$(netns_veth_name "$state" "$node")" 2>/dev/null || true
+  done
+  ip link del "$(netns_bridge_name "$state")" 2>/dev/null || true
+  return 0
+}
+
 # netns_up STATE CTL_NAME NODE... : make the bridge, one namespace per node, the veths and
 # the hosts file, where CTL_NAME (the controller: slurmctld's host, in the root namespace)
 # resolves to the bridge address. Idempotence is the caller's business: call netns_down first.
@@ -73,6 +92,7 @@ netns_up() {
   command -v ip >/dev/null || { _netns_die "'ip' (iproute2) is not installed"; return 1; }
   mkdir -p "$rec"
   bridge=$(netns_bridge_name "$state")
+  _netns_purge "$state" "${nodes[@]}"
   # Two bring-ups racing for the same slot: serialise the pick-and-claim. The lock is the
   # folder `ip netns` keeps its namespaces in (it makes it anyway), so nothing is left behind.
   lock=/run/netns
