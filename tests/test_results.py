@@ -1,0 +1,163 @@
+"""results.parquet / metrics.parquet: one schema in code, rows from a trial's files, atomic rewrites."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ltssl.config import Config, load_config, to_dict
+from ltssl.results import (
+    METRICS_SCHEMA,
+    RESULTS_SCHEMA,
+    ResultsWriter,
+    describe_schema,
+    read_jsonl,
+    read_results,
+    result_row,
+    write_parquet_atomic,
+)
+from ltssl.sweep.ledger import Ledger
+
+SPEC_COLUMNS = [
+    "sweep_id", "trial_id", "status", "error", "dataset", "imbalance_ratio", "n_train", "method", "optimizer", "rho",
+    "adaptive", "weighting", "label_power_base", "kde_alpha", "kde_bandwidth", "balanced", "seed", "epochs_run",
+    "knn_acc", "linear_acc", "acc_many", "acc_medium", "acc_few", "ood_linear_acc", "per_class_acc", "class_counts",
+    "train_time_s", "slurm_job_id", "partition", "nodes", "gpus", "node_list", "git_commit", "config_json", "run_dir",
+]
+
+
+def make_trial(output_dir: Path, trial_id: str, status: str, *, rho: float, ratio: float = 10.0, seed: int = 0,
+               epochs: int = 3, knn=(0.5, 0.6, 0.7), result: bool = True, error: str | None = None,
+               balanced: bool = False, method: str = "simsiam", ood: float | None = None, partition: str | None = "cpu") -> dict:
+    """A ledger record and the files its job would leave (metrics.jsonl, result.json, job.json)."""
+    cfg = load_config({"data": {"imbalance_ratio": ratio, "balanced": balanced}, "method": {"name": method},
+                       "optim": {"rho": rho}, "train": {"epochs": epochs, "seed": seed},
+                       "launch": {"partition": partition, "nodes": 1, "gpus_per_node": 2}})
+    run_dir = output_dir / "trials" / trial_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for epoch, acc in enumerate(knn, start=1):
+        lines.append({"epoch": epoch, "step": epoch * 4 - 2, "time": 1000.0 + epoch, "loss": 1.0 / epoch, "lr": 0.05,
+                      "images_per_s": 100.0, "weight_mean": 1.0, "weight_max": 1.5})
+        lines.append({"epoch": epoch, "step": epoch * 4, "time": 1000.5 + epoch, "knn_acc": acc, "epoch_loss": 0.3})
+    counts = [100, 46, 21, 10]
+    res = None
+    if result:
+        per_class = [0.9, 0.8, 0.7, 0.6]
+        res = {"knn_acc": knn[-1], "linear_acc": knn[-1] + 0.05, "acc_many": 0.9, "acc_medium": 0.75, "acc_few": 0.6,
+               "per_class_acc": per_class, "ood_linear_acc": ood, "epochs_run": len(knn), "train_time_s": 12.5,
+               "n_train": sum(counts), "num_classes": 4, "class_counts": counts, "world_size": 1, "final_loss": 0.2}
+        lines.append({"epoch": len(knn), "step": len(knn) * 4, "time": 1010.0, "final": True, **res})
+        (run_dir / "result.json").write_text(json.dumps(res))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (run_dir / "job.json").write_text(json.dumps({"job_id": f"9{trial_id[1:]}", "node_list": "vm", "git_commit": "abc123"}))
+    ledger = Ledger(output_dir)
+    record = ledger.create({"trial_id": trial_id, "params": {"optim.rho": rho, "data.imbalance_ratio": ratio, "train.seed": seed},
+                            "config": to_dict(cfg), "group": f"digits/r={ratio:g}/lt/{method}", "run_dir": str(run_dir),
+                            "partition": partition})
+    return ledger.update(trial_id, status=status, job_id=f"9{trial_id[1:]}", error=error)
+
+
+def test_schema_has_the_documented_columns_and_types():
+    names = [f.name for f in RESULTS_SCHEMA]
+    for col in SPEC_COLUMNS:
+        assert col in names, col
+    types = {f.name: f.type for f in RESULTS_SCHEMA}
+    assert types["imbalance_ratio"] == pa.float64() and types["seed"] == pa.int64()
+    assert types["per_class_acc"] == pa.list_(pa.float64()) and types["class_counts"] == pa.list_(pa.int64())
+    assert types["balanced"] == pa.bool_() and types["slurm_job_id"] == pa.string()
+    assert all(desc for _, _, desc in describe_schema())  # every column documented
+    assert [f.name for f in METRICS_SCHEMA][:3] == ["sweep_id", "trial_id", "epoch"]
+
+
+def test_rows_from_a_completed_a_stopped_and_a_failed_trial(tmp_path):
+    done = make_trial(tmp_path, "t0000", "completed", rho=0.5)
+    stopped = make_trial(tmp_path, "t0001", "stopped_early", rho=2.0, knn=(0.4, 0.45), result=False)
+    failed = make_trial(tmp_path, "t0002", "failed", rho=0.01, knn=(0.3,), result=False,
+                        error="job 12 failed (task 0):\nTraceback ...\nValueError: boom")
+    row = result_row(done, "sw1")
+    assert row["status"] == "completed" and row["rho"] == 0.5 and row["imbalance_ratio"] == 10.0
+    assert row["linear_acc"] == 0.75 and row["knn_acc"] == 0.7 and row["epochs_run"] == 3
+    assert row["per_class_acc"] == [0.9, 0.8, 0.7, 0.6] and row["class_counts"] == [100, 46, 21, 10]
+    assert row["n_train"] == 177 and row["slurm_job_id"] == "90000" and row["node_list"] == "vm"
+    assert row["git_commit"] == "abc123" and row["gpus"] == 2 and row["nodes"] == 1 and row["partition"] == "cpu"
+    assert json.loads(row["config_json"])["optim"]["rho"] == 0.5 and row["run_dir"].endswith("trials/t0000")
+    srow = result_row(stopped, "sw1")
+    assert srow["status"] == "stopped_early" and srow["knn_acc"] == 0.45 and srow["epochs_run"] == 2
+    assert srow["linear_acc"] is None and srow["per_class_acc"] is None
+    frow = result_row(failed, "sw1")
+    assert frow["status"] == "failed" and "ValueError: boom" in frow["error"] and frow["knn_acc"] == 0.3
+
+
+def test_writer_writes_both_files_and_skips_unfinished_trials(tmp_path):
+    make_trial(tmp_path, "t0000", "completed", rho=0.5)
+    make_trial(tmp_path, "t0001", "stopped_early", rho=2.0, knn=(0.4, 0.45), result=False)
+    make_trial(tmp_path, "t0002", "running", rho=1.0, knn=(0.55,), result=False)  # still running: no row
+    writer = ResultsWriter(tmp_path, "sw1", metric="knn_acc", mode="max")
+    results_path, metrics_path = writer.write(Ledger(tmp_path).all())
+    table = pq.read_table(results_path)
+    assert table.schema.remove_metadata() == RESULTS_SCHEMA.remove_metadata()
+    assert table.schema.metadata[b"metric"] == b"knn_acc"
+    df = table.to_pandas()
+    assert list(df["trial_id"]) == ["t0000", "t0001"] and list(df["status"]) == ["completed", "stopped_early"]
+    metrics = pd.read_parquet(metrics_path)
+    # every line of every trial (the running one too: learning curves of a live sweep)
+    assert len(metrics) == 7 + 4 + 2
+    assert set(metrics["trial_id"]) == {"t0000", "t0001", "t0002"}
+    assert metrics["epoch_loss"].dtype == "float64"   # an extra numeric field became a column
+    final = metrics[metrics["final"]]
+    assert list(final["trial_id"]) == ["t0000"] and float(final["linear_acc"].iloc[0]) == 0.75
+    res, met, meta = read_results(tmp_path)
+    assert len(res) == 2 and meta["sweep_id"] == "sw1" and meta["mode"] == "max"
+
+
+def test_parquet_is_always_readable_while_rewritten(tmp_path):
+    """A reader never sees a partial file while the writer rewrites it (temp file + rename)."""
+    for i in range(6):
+        make_trial(tmp_path, f"t{i:04d}", "completed", rho=0.1 * (i + 1))
+    writer = ResultsWriter(tmp_path, "sw1")
+    records = Ledger(tmp_path).all()
+    writer.write(records)
+    stop = threading.Event()
+    errors: list[Exception] = []
+
+    def rewrite():
+        for n in range(40):
+            writer.write(records[: 1 + n % 6])
+        stop.set()
+
+    thread = threading.Thread(target=rewrite)
+    thread.start()
+    reads = 0
+    while not stop.is_set():
+        try:
+            # one open handle: a path read opens the file twice (see ltssl.results.read_table)
+            with open(tmp_path / "results.parquet", "rb") as fh:
+                df = pd.read_parquet(fh)
+            assert 1 <= len(df) <= 6
+            df, _, _ = read_results(tmp_path)
+            assert 1 <= len(df) <= 6
+            reads += 1
+        except Exception as error:  # a torn file would land here
+            errors.append(error)
+    thread.join()
+    assert not errors and reads > 0
+    assert not list(tmp_path.glob(".results.parquet.*"))  # no temp files left behind
+
+
+def test_partial_last_line_is_left_for_later(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 1, "knn_acc": 0.5}\n{"epoch": 2, "knn')
+    assert read_jsonl(path) == [{"epoch": 1, "knn_acc": 0.5}]
+
+
+def test_empty_results_file_keeps_the_schema(tmp_path):
+    path = write_parquet_atomic(pa.Table.from_pylist([], schema=RESULTS_SCHEMA), tmp_path / "results.parquet")
+    df = pd.read_parquet(path)
+    assert df.empty and list(df.columns) == [f.name for f in RESULTS_SCHEMA]
+    assert Config().optim.rho == 0.5  # the defaults the rows above rely on
