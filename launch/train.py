@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     except JobFailedError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 1
-    print(f"job {handle.job_id} {handle.state.lower()} on {handle.node_list}")
+    print(f"job {handle.job_id} finished on {handle.node_list}")
     if isinstance(result, dict):
         print_result(result, handle.run_dir)
     else:

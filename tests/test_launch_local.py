@@ -91,6 +91,15 @@ def test_local_failure_surfaces_remote_traceback(tmp_path):
     assert handle.state == "FAILED"
 
 
+def test_local_ddp_failure_of_rank1_surfaces_its_traceback(tmp_path):
+    handle = submit(local_cfg(tasks_per_node=2), tmp_path / "run", target=TOY, target_kwargs={"steps": 50, "fail_at_step": 3, "fail_rank": 1})
+    with pytest.raises(JobFailedError) as info:
+        handle.result(timeout=120)
+    # rank 0 fails next (its peer is gone): the error shown is rank 1's, the cause
+    assert info.value.summary.startswith(f"job {handle.job_id} failed (task 1")
+    assert "ValueError: toy failure at step 3 on rank 1" in info.value.remote_traceback
+
+
 def test_local_time_limit_checkpoints_requeues_and_matches_uninterrupted(tmp_path):
     # timeout 1 min, signal 56 s before: the controller signals USR2 after 4 s of a ~6 s run
     cfg = local_cfg(timeout_min=1, signal_delay_s=56)
@@ -202,3 +211,39 @@ def test_train_cli_runs_locally(tmp_path):
     assert out.returncode == 0, out.stderr
     assert str(tmp_path / "run") in out.stdout
     assert json.loads((tmp_path / "run" / "result.json").read_text())["value"] == toy.expected_value(20, seed=4)
+
+
+def test_partitions_example_is_valid_launch_sections():
+    """slurm/partitions.example.yaml documents launch: sections: each must load as one."""
+    import yaml
+
+    example = yaml.safe_load((REPO / "slurm" / "partitions.example.yaml").read_text())
+    assert set(example["partitions"]) == {"cpu", "gpu", "gpu_preemptible"}
+    for name, launch in example["partitions"].items():
+        cfg = load_config({"launch": launch})
+        assert cfg.launch.partition == launch["partition"], name
+
+
+def test_gpu_job_gets_one_task_per_gpu_and_every_slurm_option():
+    """The sbatch script submitit would submit for a 2-node x 4-GPU job (no cluster needed)."""
+    from ltssl.launch import make_executor
+
+    cfg = load_config(
+        {
+            "launch": {
+                "partition": "gpu", "nodes": 2, "gpus_per_node": 4, "tasks_per_node": 1, "cpus_per_task": 8,
+                "mem_gb": 128, "timeout_min": 240, "signal_delay_s": 300, "account": "proj", "qos": "scavenger",
+                "constraint": "a100", "requeue_on_node_failure": True,
+            }
+        }
+    )
+    executor = make_executor(cfg, "/tmp/ltssl-sbatch-text/submitit")
+    text = executor._executor._make_submission_file_text("python -m x", "uid")
+    for flag in (
+        "--partition=gpu", "--nodes=2", "--gpus-per-node=4", "--ntasks-per-node=4", "--cpus-per-task=8",
+        "--mem=128GB", "--time=240", "--signal=USR2@300", "--account=proj", "--qos=scavenger",
+        "--constraint=a100", "--requeue",
+    ):
+        assert f"#SBATCH {flag}\n" in text, flag
+    assert "srun --unbuffered" in text and "--kill-on-bad-exit=1" in text
+    assert executor._executor.max_num_timeout == cfg.launch.max_num_timeout

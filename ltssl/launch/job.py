@@ -109,10 +109,10 @@ class TrainJob(submitit.helpers.Checkpointable):
         restart = self._restart_index()
         if env.num_tasks > 1:
             self._export_distributed_env(env, restart)
+        if rank == 0:  # before importing the target (seconds for torch): job.json shows the start at once
+            self._record_attempt(env, restart)
         fn, checkpoint_now = resolve_target(self.target)
         self._install_sigterm_handler(rank, checkpoint_now)
-        if rank == 0:
-            self._record_attempt(env, restart)
         result = fn(self.cfg, self.run_dir, **self.target_kwargs)
         if rank == 0:
             update_job_json(self.run_dir, finished=time.time())

@@ -15,11 +15,12 @@ def tasks_per_node(cfg: Config) -> int:
     return cfg.launch.gpus_per_node if cfg.launch.gpus_per_node > 0 else cfg.launch.tasks_per_node
 
 
-def preflight(cfg: Config) -> None:
+def preflight(cfg: Config, *, check_names: bool = True) -> None:
     """Raise a one-line :class:`LaunchError` unless the job can run as configured.
 
     Checks, in order: the configuration is valid; the training module accepts the names in it
-    (``ltssl.train.check_names(cfg)`` when it exists); the dataset is readable; then, with
+    (``ltssl.train.check_names(cfg)``; skipped with ``check_names=False``, for jobs that run
+    another target); the dataset is readable; then, with
     ``launch.partition`` set, that the partition exists (``sinfo``) and that one task layout
     (GPUs, CPUs, memory per node; node count; constraint; time limit) fits its nodes, or without
     a partition, that the local machine can host it (one node, enough GPUs and memory).
@@ -32,7 +33,8 @@ def preflight(cfg: Config) -> None:
         raise LaunchError(
             f"launch.signal_delay_s must be < launch.timeout_min * 60 = {cfg.launch.timeout_min * 60}, got {cfg.launch.signal_delay_s}"
         )
-    _check_names(cfg)
+    if check_names:
+        _check_names(cfg)
     check_dataset(cfg)
     if cfg.launch.partition is None:
         _check_local(cfg)
@@ -69,19 +71,15 @@ def _readable(path: Path, key: str, want_dir: bool | None = None) -> None:
 
 
 def _prepared_dir(cfg: Config) -> Path | None:
-    """Where ltssl.data caches this dataset, when the data module can say (else None)."""
+    """Where ltssl.data caches this dataset (``cache_dir/<dataset_dir_name>``), or None."""
     try:
-        import ltssl.data as data_module  # noqa: PLC0415
+        from ltssl.data import dataset_dir_name  # noqa: PLC0415
     except ImportError:
         return None
-    for name in ("prepared_dir", "prepared_path", "dataset_dir"):
-        fn = getattr(data_module, name, None)
-        if callable(fn):
-            try:
-                return Path(fn(cfg.data))
-            except Exception:  # a data-side error is reported by the source checks below
-                return None
-    return None
+    try:
+        return Path(cfg.data.cache_dir) / dataset_dir_name(cfg.data)
+    except Exception:  # a data-side error: the source checks below say what is wrong
+        return None
 
 
 def check_dataset(cfg: Config) -> None:

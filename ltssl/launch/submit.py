@@ -133,7 +133,7 @@ def submit(
         LaunchError: one line, nothing submitted, when preflight refuses or sbatch fails.
     """
     cfg = _absolute_paths(cfg)
-    preflight(cfg)
+    preflight(cfg, check_names=target == DEFAULT_TARGET)
     run_dir = Path(run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
@@ -322,8 +322,8 @@ class JobHandle:
             return state
         if self._was_cancelled():
             return "CANCELLED"
-        if self._controller_alive():
-            return "RUNNING"
+        if self._controller_alive() and not all(self._read_result(t) is not None for t in range(self.num_tasks)):
+            return "RUNNING"  # (every task has written its result: the controller is only exiting)
         outcome = self._read_result(0)
         if outcome is not None:
             return "COMPLETED" if outcome[0] == "success" else "FAILED"
@@ -379,24 +379,44 @@ class JobHandle:
                     peer_error_seen = time.monotonic()
                 elif time.monotonic() - peer_error_seen > LOCAL_PEER_ERROR_GRACE_S:
                     self._kill_local()
-                    task, trace = peer
-                    raise JobFailedError(f"job {self.job_id} failed (task {task}; the job was stopped)", trace)
+                    raise self._failure("; the job was stopped")
             if deadline is not None and time.monotonic() > deadline:
                 raise LaunchError(f"job {self.job_id} is still {state} after {timeout:g} s")
             time.sleep(poll_s)
 
-    def _first_task_error(self) -> tuple[int, str] | None:
+    def _task_errors(self) -> list[tuple[float, int, str]]:
+        """(time written, task, traceback) of every task that wrote an error, earliest first."""
+        errors = []
         for task in range(self.num_tasks):
             outcome = self._read_result(task)
             if outcome is not None and outcome[0] == "error":
-                return task, outcome[1]
-        return None
+                try:
+                    written = self.paths(task).result_pickle.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                errors.append((written, task, outcome[1]))
+        return sorted(errors)
+
+    def _first_task_error(self) -> tuple[int, str] | None:
+        errors = self._task_errors()
+        return (errors[0][1], errors[0][2]) if errors else None
+
+    def _failure(self, note: str = "") -> JobFailedError:
+        """The job's error: the traceback of the task that failed first (its DDP peers' errors,
+        e.g. gloo's "connection closed", are consequences and only listed)."""
+        errors = self._task_errors()
+        if not errors:
+            return JobFailedError(f"job {self.job_id} failed{note}; stderr of task 0:", self.log_tail(0))
+        _, task, trace = errors[0]
+        others = [f"task {t} failed after it: {tb.strip().splitlines()[-1] if tb.strip() else '?'}" for _, t, tb in errors[1:]]
+        summary = f"job {self.job_id} failed (task {task}{note}):"
+        return JobFailedError(summary, trace + ("\n" + "\n".join(others) if others else ""))
 
     def _unwrap(self, outcome: tuple[str, Any], task: int) -> Any:
         kind, value = outcome
         if kind == "success":
             return value
-        raise JobFailedError(f"job {self.job_id} failed (task {task}):", value)
+        raise self._failure()
 
     def _result_after_end(self, state: str) -> Any:
         """The job has ended: rank 0's result if it comes within a few seconds, else the reason."""
@@ -408,10 +428,8 @@ class JobHandle:
             outcome = self._read_result(0)
             if outcome is not None:
                 return self._unwrap(outcome, task=0)
-            peer = self._first_task_error()
-            if peer is not None:
-                task, trace = peer
-                raise JobFailedError(f"job {self.job_id} failed (task {task}):", trace)
+            if self._task_errors():
+                raise self._failure()
             if time.monotonic() > wait_until:
                 break
             time.sleep(0.2)
