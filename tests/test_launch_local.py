@@ -247,3 +247,57 @@ def test_gpu_job_gets_one_task_per_gpu_and_every_slurm_option():
         assert f"#SBATCH {flag}\n" in text, flag
     assert "srun --unbuffered" in text and "--kill-on-bad-exit=1" in text
     assert executor._executor.max_num_timeout == cfg.launch.max_num_timeout
+
+
+@pytest.mark.slow
+def test_local_cancel_from_inside_a_ray_worker(tmp_path):
+    """The real thing: a Ray task (SIGINT blocked in its worker) submits, then cancels."""
+    import shutil
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="rl", dir="/tmp")  # short: Ray's socket paths have a length limit
+    script = textwrap.dedent(
+        f"""
+        import json, os, signal, time
+        os.environ["RAY_TMPDIR"] = {ray_tmp!r}
+        import ray
+        ray.init(num_cpus=1, logging_level="ERROR", log_to_driver=False, include_dashboard=False, _temp_dir={ray_tmp!r})
+
+        @ray.remote
+        def run(run_dir):
+            from ltssl.config import load_config
+            from ltssl.launch import submit, JobCancelledError
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+            cfg = load_config({{"launch": {{"timeout_min": 5, "signal_delay_s": 30, "tasks_per_node": 2}}}})
+            h = submit(cfg, run_dir, target={TOY!r}, target_kwargs={{"steps": 100000, "step_s": 0.05}})
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                try:
+                    if len(open(run_dir + "/metrics.jsonl").read().splitlines()) >= 2:
+                        break
+                except FileNotFoundError:
+                    pass
+                time.sleep(0.05)
+            t = time.monotonic()
+            h.cancel()
+            took = time.monotonic() - t
+            try:
+                h.result()
+                error = None
+            except JobCancelledError as e:
+                error = str(e)
+            return {{"sigint_blocked": signal.SIGINT in blocked, "took": took, "error": error, "job_id": h.job_id}}
+
+        print(json.dumps(ray.get(run.remote({str(tmp_path / "run")!r}))))
+        ray.shutdown()
+        """
+    )
+    try:
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["sigint_blocked"], "the premise: Ray workers block SIGINT"
+    assert report["took"] < 3.0 and report["error"] == f"job {report['job_id']} was cancelled"
+    assert not process_group_alive(int(report["job_id"])) and pids_alive(tmp_path / "run") == []
