@@ -7,7 +7,8 @@ atomically, and resumption from ``run_dir/checkpoints/last.json`` (the epoch rea
 resubmitted job continues instead of starting over. Its accuracy is a deterministic function of
 the config (rho and imbalance ratio), so scheduler decisions in the tests are predictable.
 
-Failures on purpose: ``optim.rho == FAIL_RHO`` raises at epoch 2 (a failed job).
+Failures on purpose: ``optim.rho == FAIL_RHO`` raises in its first epoch, after the step lines
+and before the evaluation (a failed job, before any scheduler decision).
 The jobs import this file as the module ``test_sweep_standin`` (the tests put tests/ on PYTHONPATH).
 """
 
@@ -42,22 +43,23 @@ def train(cfg, run_dir, epoch_s: float = 0.3, steps_per_epoch: int = 2, pid_log:
     started = time.time()
     with open(run_dir / "metrics.jsonl", "a") as out:
         for epoch in range(start + 1, cfg.train.epochs + 1):
-            previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR2})
-            try:
-                for s in range(steps_per_epoch):
+            for s in range(steps_per_epoch):
+                # like the trainer: SIGTERM/SIGUSR2 wait for the end of the step
+                previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR2})
+                try:
                     time.sleep(epoch_s / steps_per_epoch)
                     step = (epoch - 1) * steps_per_epoch + s + 1
                     out.write(json.dumps({"epoch": epoch, "step": step, "time": time.time(), "loss": 1.0 / step, "lr": 0.06}) + "\n")
                     out.flush()
-                if cfg.optim.rho == FAIL_RHO and epoch == 2:
-                    raise ValueError(f"stand-in failure at epoch {epoch} (rho {cfg.optim.rho})")
-                out.write(json.dumps({"epoch": epoch, "step": epoch * steps_per_epoch, "time": time.time(),
-                                      "knn_acc": accuracy(cfg, epoch)}) + "\n")
-                out.flush()
-                ckpt.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(ckpt, json.dumps({"epoch": epoch}))
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+            if cfg.optim.rho == FAIL_RHO:
+                raise ValueError(f"stand-in failure at epoch {epoch} (rho {cfg.optim.rho})")
+            out.write(json.dumps({"epoch": epoch, "step": epoch * steps_per_epoch, "time": time.time(),
+                                  "knn_acc": accuracy(cfg, epoch)}) + "\n")
+            out.flush()
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(ckpt, json.dumps({"epoch": epoch}))
         n_classes = 10
         counts = [int(100 * cfg.data.imbalance_ratio ** (-c / (n_classes - 1))) for c in range(n_classes)]
         final_acc = accuracy(cfg, cfg.train.epochs)

@@ -505,7 +505,10 @@ def _run(spec, trials, output_dir: Path, sweep_id: str, partition, resume: bool,
                 scheduler=scheduler,
                 num_samples=remaining,
                 max_concurrent_trials=spec.max_concurrent,
-                reuse_actors=False,
+                # One actor serves trial after trial: no process start (about 1.2 s) and no
+                # re-import per trial. Stopped trials' jobs are cancelled by the driver's
+                # on_trial_complete (and by reset_config/cleanup in the actor as a backstop).
+                reuse_actors=True,
                 trial_name_creator=lambda t: t.config["trial_key"],
                 trial_dirname_creator=lambda t: t.config["trial_key"],
             ),

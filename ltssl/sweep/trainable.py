@@ -163,12 +163,25 @@ class JobTrial(tune.Trainable):
     """One sweep trial: config = ``{"trial_key": ..., "group": ..., <dotted key>: value, ...}``."""
 
     def setup(self, config: dict, context: TrialContext | None = None) -> None:
-        from ltssl.config import load_config
-
         assert context is not None, "JobTrial needs its TrialContext (tune.with_parameters)"
         self.ctx = context
+        self.job = None
+        self.finished = True
+        self._start(config)
+
+    def reset_config(self, new_config: dict) -> bool:
+        """Tune reuses this actor for the next trial (``reuse_actors``): no process start-up, no
+        re-import. The previous trial's job is cancelled first if it still runs (the driver's
+        ``on_trial_complete`` has normally done so already)."""
+        self.cleanup()
+        self._start(new_config)
+        return True
+
+    def _start(self, config: dict) -> None:
+        from ltssl.config import load_config
+
         self.key = config["trial_key"]
-        self.ledger = Ledger(context.output_dir)
+        self.ledger = Ledger(self.ctx.output_dir)
         record = self.ledger.read(self.key)
         self.run_dir = Path(record["run_dir"])
         self.cfg = load_config(record["config"])
