@@ -45,7 +45,7 @@ def test_resnet18_cifar_keeps_the_cifar_stem():
 
 
 def test_unknown_names_list_the_registered_ones():
-    with pytest.raises(UnknownNameError, match="method.name must be one of moco_v2, simclr, simsiam, supervised, got 'byol'"):
+    with pytest.raises(UnknownNameError, match="method.name must be one of moco_v2, simclr, simsiam, supervised, supervised_rare, got 'byol'"):
         check_names(load_config({"method": {"name": "byol"}}))
     with pytest.raises(UnknownNameError, match="model.backbone must be one of resnet18_cifar, resnet50, small_cnn"):
         check_names(load_config({"model": {"backbone": "vit"}}))

@@ -50,5 +50,6 @@ def build_method(cfg, num_classes: int) -> Method:
 
 
 from ltssl.methods import moco_v2, simclr, simsiam, supervised  # noqa: E402,F401  (registration)
+from ltssl.experiments import semisynthetic as _semisynthetic  # noqa: E402,F401  (registers supervised_rare)
 
 __all__ = ["Method", "METHODS", "register_method", "build_method", "method_class", "check_method", "UnknownNameError"]
