@@ -16,6 +16,9 @@ from ltssl.data import DataError
 from ltssl.data.ffcv import EvalLoader, SSLLoader, meta_path, open_beton, read_beton, write_beton
 from test_data_util import cifar_images
 
+# numba prints a harmless KeyError from a finalizer when FFCV pipelines are collected (notes/ffcv.md)
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
 N, C = 300, 10
 MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.25, 0.25)
 CPU = torch.device("cpu")

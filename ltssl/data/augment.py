@@ -10,10 +10,11 @@ The recipes are those of SimSiam / MoCo v2 as used by Liu et al. (ICLR 2022):
 Every random parameter is drawn on the CPU from the ``torch.Generator`` passed in (so the same
 generator state gives the same views on CPU and GPU, and nothing reads torch's global RNG); the
 pixel work runs batched on the images' device. The operations follow torchvision's definitions
-(``adjust_brightness/contrast/saturation/hue``, ``rgb_to_grayscale``, colour-jitter operations in
-a random order per sample), with two deliberate differences: the crop is resampled bilinearly by
-``grid_sample`` without antialiasing, and a non-square source (the semi-synthetic 2:1 images)
-draws aspect ratios relative to its own aspect so that scale 1 is the whole image.
+(``RandomResizedCrop.get_params``, antialiased bilinear ``resized_crop``,
+``adjust_brightness/contrast/saturation/hue``, ``rgb_to_grayscale``, colour-jitter operations in
+a random order per sample), with one deliberate difference: a non-square source (the
+semi-synthetic 2:1 images) draws aspect ratios relative to its own aspect, so that scale 1 is
+the whole image.
 """
 
 from __future__ import annotations
@@ -48,9 +49,12 @@ RECIPES = {
 }
 
 
-def get_recipe(name: str) -> Recipe:
+def get_recipe(name: "str | Recipe") -> Recipe:
+    """A recipe by name (``cifar``, ``imagenet``), or a :class:`Recipe` given as is."""
     from .errors import DataError
 
+    if isinstance(name, Recipe):
+        return name
     if name not in RECIPES:
         raise DataError(f"augmentation recipe must be one of {', '.join(RECIPES)}, got {name!r}")
     return RECIPES[name]
@@ -110,24 +114,46 @@ def crop_boxes(gen: torch.Generator, n: int, height: int, width: int, scale, rat
     return torch.stack([top, left, ch, cw], 1)
 
 
+def _resize_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int) -> torch.Tensor:
+    """Per-sample 1-D resampling matrices [B, out_size, in_size] of the crop [start, start + length).
+
+    The triangle (bilinear) filter with antialiasing, as PIL and ``torchvision``'s
+    ``resized_crop(..., antialias=True)``: support ``max(scale, 1)`` input pixels around each output
+    centre, weights renormalised over the pixels inside the crop (edge pixels are replicated).
+    """
+    scale = (length / out_size).view(-1, 1, 1)
+    support = scale.clamp(min=1.0)
+    centre = start.view(-1, 1, 1) + (torch.arange(out_size, dtype=start.dtype).view(1, -1, 1) + 0.5) * scale
+    pos = torch.arange(in_size, dtype=start.dtype).view(1, 1, -1) + 0.5
+    w = (1.0 - (pos - centre).abs() / support).clamp_(min=0.0)
+    inside = (pos >= start.view(-1, 1, 1)) & (pos <= (start + length).view(-1, 1, 1))
+    w = w * inside
+    # an output centre beyond the last inside pixel centre keeps that pixel (edge replication)
+    total = w.sum(-1, keepdim=True)
+    return w / total.clamp(min=1e-12)
+
+
 def resized_crop(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
     """Crop each image to its box, flip it horizontally where ``flips``, resize to size x size.
 
     images: float [B,3,H,W]; boxes: [B,4] (top, left, h, w) in pixels; flips: bool [B].
-    Bilinear ``grid_sample`` (align_corners False, border padding): one batched call.
+    Separable antialiased bilinear resampling as two batched matrix products,
+    ``out = R_y @ image @ R_x^T`` with per-sample [S,H] and [S,W] weight matrices (the flip reverses
+    R_x's rows): one matmul pair per batch, and the same filter as torchvision's antialiased resize.
     """
-    b, _, height, width = images.shape
-    boxes = boxes.to(torch.float32)
+    _, _, height, width = images.shape
+    boxes = boxes.to(torch.float64)
     top, left, ch, cw = boxes.unbind(1)
-    sx = cw / width
-    sy = ch / height
-    tx = (2 * left + cw) / width - 1
-    ty = (2 * top + ch) / height - 1
-    sx = torch.where(flips.cpu(), -sx, sx)
-    zeros = torch.zeros_like(sx)
-    theta = torch.stack([torch.stack([sx, zeros, tx], 1), torch.stack([zeros, sy, ty], 1)], 1)
-    grid = F.affine_grid(theta.to(images.device), [b, 3, size, size], align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    ry = _resize_weights(top, ch, height, size)
+    rx = _resize_weights(left, cw, width, size)
+    rx = torch.where(flips.cpu().view(-1, 1, 1), rx.flip(1), rx)
+    ry = ry.to(images.device, images.dtype)                       # [B,S,H]
+    rxt = rx.transpose(1, 2).to(images.device, images.dtype)      # [B,W,S]
+    b = images.shape[0]
+    # channels side by side, so each product is one bmm over the batch: [B,H,3W] -> [B,S,3W] -> [B,3S,S]
+    rows = torch.bmm(ry, images.permute(0, 2, 1, 3).reshape(b, height, 3 * width))
+    out = torch.bmm(rows.view(b, size * 3, width), rxt)
+    return out.view(b, size, 3, size).permute(0, 2, 1, 3).contiguous()
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:

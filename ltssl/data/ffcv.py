@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .augment import eval_transform, generator_for, get_recipe, make_views
+from .augment import Recipe, eval_transform, generator_for, get_recipe, make_views
 from .errors import DataError
 
 RAW_MAX_SIDE = 64                  # raw pixels up to this side, JPEG above (FFCV notes: 10x smaller at 64 px)
@@ -495,7 +495,7 @@ class SSLLoader(_BetonLoader):
     ``index`` (int64 [B] on ``device``). Deterministic given (seed, epoch, step, rank).
     """
 
-    def __init__(self, beton, *, batch_size: int, num_views: int, image_size: int, recipe: str, seed: int,
+    def __init__(self, beton, *, batch_size: int, num_views: int, image_size: int, recipe: "str | Recipe", seed: int,
                  distributed: bool, device, num_workers: int, drop_last: bool = True, indices=None,
                  verify: str = "auto", fetch_timeout_s: float = DEFAULT_FETCH_TIMEOUT_S, batches_ahead: int = 2,
                  decode_size: int | None = None):

@@ -30,9 +30,11 @@ def build_transform(recipe: Recipe, image_size: int, mean: Sequence[float], std:
     ops = [
         T.RandomResizedCrop(image_size, scale=recipe.crop_scale, ratio=ratio, antialias=True),
         T.RandomHorizontalFlip(recipe.flip_p),
-        T.RandomApply([T.ColorJitter(*recipe.jitter)], p=recipe.jitter_p),
-        T.RandomGrayscale(recipe.gray_p),
     ]
+    if recipe.jitter_p > 0:
+        ops.append(T.RandomApply([T.ColorJitter(*recipe.jitter)], p=recipe.jitter_p))
+    if recipe.gray_p > 0:
+        ops.append(T.RandomGrayscale(recipe.gray_p))
     if recipe.blur_p > 0:
         k = max(3, int(0.1 * image_size) // 2 * 2 + 1)
         ops.append(T.RandomApply([T.GaussianBlur(k, sigma=recipe.blur_sigma)], p=recipe.blur_p))
@@ -51,7 +53,7 @@ def build_transform(recipe: Recipe, image_size: int, mean: Sequence[float], std:
 class ReferenceDataset(Dataset):
     """In-memory images uint8 [N,H,W,3] + labels -> (list of num_views views [3,S,S], label, index)."""
 
-    def __init__(self, images: np.ndarray, labels: Sequence[int], *, num_views: int, image_size: int, recipe: str,
+    def __init__(self, images: np.ndarray, labels: Sequence[int], *, num_views: int, image_size: int, recipe: "str | Recipe",
                  mean: Sequence[float], std: Sequence[float], backend: str = "pil"):
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
@@ -86,7 +88,7 @@ def _collate(batch):
 
 
 def reference_loader(images: np.ndarray, labels: Sequence[int], *, batch_size: int, num_views: int, image_size: int,
-                     recipe: str, mean: Sequence[float], std: Sequence[float], seed: int = 0, num_workers: int = 2,
+                     recipe: "str | Recipe", mean: Sequence[float], std: Sequence[float], seed: int = 0, num_workers: int = 2,
                      drop_last: bool = True, backend: str = "pil") -> DataLoader:
     """A shuffling DataLoader over :class:`ReferenceDataset` yielding the SSLLoader's batch dicts (on CPU)."""
     ds = ReferenceDataset(images, labels, num_views=num_views, image_size=image_size, recipe=recipe, mean=mean, std=std,
