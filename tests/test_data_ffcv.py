@@ -186,6 +186,15 @@ def test_writer_failure_is_an_error_not_a_hang(tmp_path, data):
         write_beton(tmp_path / "y.beton", get, labels, num_classes=C, mean=MEAN, std=STD)
     assert list(tmp_path.iterdir()) == []
 
+    def unreadable(i):
+        if i == 77:
+            raise DataError("cannot read image /data/x/77.jpg: truncated")
+        return images[i]
+
+    with pytest.raises(DataError, match=r"^writing .*\.tmp failed: cannot read image /data/x/77.jpg: truncated$"):
+        write_beton(tmp_path / "z.beton", unreadable, labels, num_classes=C, mean=MEAN, std=STD, num_workers=2)
+    assert list(tmp_path.iterdir()) == []
+
 
 def test_pipeline_error_and_stall_fail_fast(beton, monkeypatch):
     import time

@@ -85,6 +85,15 @@ class _IndexedSamples:
         return image, int(self.labels[i]), int(i)
 
 
+def _guarded_worker(work_fn, errors, *args) -> None:
+    """Run an FFCV writer worker; on failure leave a one-line reason for the parent, exit 1."""
+    try:
+        work_fn(*args)
+    except BaseException as exc:  # noqa: BLE001 - reported by the parent process
+        errors.put(str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}")
+        raise SystemExit(1)
+
+
 def _make_writer_class():
     _import_ffcv()
     from ffcv.writer import DatasetWriter, worker_job_indexed_dataset
@@ -112,7 +121,9 @@ def _make_writer_class():
             allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
             args = (workqueue, self.metadata_sm, self.metadata_type, self.fields, allocator, done_number,
                     allocations_queue, *extra_worker_args)
-            procs = [ctx.Process(target=work_fn, args=args, daemon=True) for _ in range(self.num_workers)]
+            errors = ctx.Queue()
+            procs = [ctx.Process(target=_guarded_worker, args=(work_fn, errors, *args), daemon=True)
+                     for _ in range(self.num_workers)]
             for p in procs:
                 p.start()
             allocation_list = []
@@ -125,7 +136,11 @@ def _make_writer_class():
                     except queue.Empty:
                         dead = [p for p in procs if p.exitcode not in (None, 0)]
                         if dead:
-                            raise DataError(f"writing {self.fname} failed: a writer process exited with code {dead[0].exitcode}")
+                            try:
+                                reason = errors.get(timeout=0.5)
+                            except queue.Empty:
+                                reason = f"a writer process exited with code {dead[0].exitcode}"
+                            raise DataError(f"writing {self.fname} failed: {reason}")
                 if done_number.value != num_samples:
                     raise DataError(f"writing {self.fname} failed: {done_number.value} of {num_samples} samples written")
                 for p in procs:
