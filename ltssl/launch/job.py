@@ -34,6 +34,7 @@ DEFAULT_TARGET = "ltssl.train:train"
 
 # Preemption signal of submitit (USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise).
 PREEMPT_SIGNAL = submitit.JobEnvironment._usr_sig()
+LOCAL_REQUEUE_RETURN_CODE = 144  # submitit.local.local: "requeue me" to the local controller
 
 
 def resolve_target(target: str) -> tuple[Callable[..., Any], Callable[[], bool] | None]:
@@ -99,6 +100,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.target_kwargs = dict(target_kwargs or {})
         self.attempt = attempt
         self._checkpointed = False
+        self._requeueing = False
 
     # ------------------------------------------------------------------ inside the job
 
@@ -121,6 +123,7 @@ class TrainJob(submitit.helpers.Checkpointable):
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on rank 0 at the preemption/time-limit signal: save, then requeue."""
         saved = self._checkpoint_now()
+        self._requeueing = True
         print(f"ltssl: preemption signal: checkpoint {'saved' if saved else 'not saved (no trainer running)'}; requeueing", flush=True)
         fresh = type(self)(self.cfg, self.run_dir, self.target, self.target_kwargs, self.attempt + 1)
         return submitit.helpers.DelayedSubmission(fresh)
@@ -148,8 +151,11 @@ class TrainJob(submitit.helpers.Checkpointable):
                     print(f"ltssl: SIGTERM: checkpoint failed: {error!r}; exiting", flush=True)
             sys.stdout.flush()
             sys.stderr.flush()
+            # A local job's controller restarts the job only if a task exits with submitit's requeue
+            # code: a SIGTERM that arrives while rank 0 is leaving for a requeue must keep that code.
+            requeue = self._requeueing and os.environ.get("SUBMITIT_EXECUTOR") == "local"
             # os._exit: no DDP teardown that could wait on ranks that are already gone
-            os._exit(128 + signal.SIGTERM)
+            os._exit(LOCAL_REQUEUE_RETURN_CODE if requeue else 128 + signal.SIGTERM)
 
         signal.signal(signal.SIGTERM, on_sigterm)
 

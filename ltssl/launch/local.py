@@ -32,6 +32,7 @@ def start_controller(
     timeout_min: float = 5.0,
     signal_delay_s: int = 30,
     stderr_to_stdout: bool = False,
+    max_retry: int = 6,
 ) -> subprocess.Popen:
     """submitit's ``start_controller``, in a new session and through the signal-resetting wrapper."""
     env = dict(os.environ)
@@ -46,6 +47,7 @@ def start_controller(
         SUBMITIT_EXECUTOR="local",
         CUDA_VISIBLE_DEVICES=cuda_devices,
         SUBMITIT_LOCAL_WITH_SHELL="",
+        LTSSL_LOCAL_MAX_RETRY=str(max_retry),
     )
     # The controller outlives this call: LocalJob polls it and cancel() ends its process group.
     return subprocess.Popen(  # pylint: disable=consider-using-with
@@ -72,6 +74,7 @@ class LocalExecutor(submitit_local.LocalExecutor):
             timeout_min=self.parameters.get("timeout_min", 2.0),
             signal_delay_s=self.parameters.get("signal_delay_s", 30),
             stderr_to_stdout=self.parameters.get("stderr_to_stdout", False),
+            max_retry=self.max_num_timeout + 1,
         )
         return submitit_local.LocalJob(folder=self.folder, job_id=str(process.pid), process=process, tasks=list(range(ntasks)))
 

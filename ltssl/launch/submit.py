@@ -36,10 +36,6 @@ from ltssl.launch.preflight import preflight, tasks_per_node
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-# Local jobs: how long a rank other than 0 may sit on an error while the job still runs before the
-# job is cancelled and the error raised (DDP peers of a dead rank otherwise wait on it for long).
-LOCAL_PEER_ERROR_GRACE_S = 15.0
-
 
 @functools.lru_cache(maxsize=1)
 def git_info() -> dict[str, Any]:
@@ -361,7 +357,6 @@ class JobHandle:
         """
         poll_s = poll_s if poll_s is not None else (1.0 if self.executor == "slurm" else 0.2)
         deadline = None if timeout is None else time.monotonic() + timeout
-        peer_error_seen: float | None = None
         while True:
             if self._was_cancelled():
                 raise JobCancelledError(f"job {self.job_id} was cancelled")
@@ -371,15 +366,6 @@ class JobHandle:
             state = self.state
             if state in slurm.TERMINAL_STATES:
                 return self._result_after_end(state)
-            if self.executor == "local" and self.num_tasks > 1:
-                peer = self._first_task_error()
-                if peer is None:
-                    peer_error_seen = None
-                elif peer_error_seen is None:
-                    peer_error_seen = time.monotonic()
-                elif time.monotonic() - peer_error_seen > LOCAL_PEER_ERROR_GRACE_S:
-                    self._kill_local()
-                    raise self._failure("; the job was stopped")
             if deadline is not None and time.monotonic() > deadline:
                 raise LaunchError(f"job {self.job_id} is still {state} after {timeout:g} s")
             time.sleep(poll_s)
