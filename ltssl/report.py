@@ -404,6 +404,12 @@ def analyze(output_dir: str | Path, report_dir: str | Path | None = None) -> Pat
     if delta.empty:
         delta_text = "(needs completed trials with data.balanced true and false at the same settings)\n"
     parts += ["## Delta(n, r) = (A(n,1) − A(n,r)) / A(n,1): SSL vs supervised, in- and out-of-domain\n", delta_text]
+    if "config_json" in results.columns and any(
+            isinstance(t, str) and json.loads(t).get("data", {}).get("semi_synthetic") for t in results["config_json"]):
+        from ltssl.experiments.semisynthetic import analyze as semisynthetic_analysis  # torch: only for these sweeps
+
+        parts += ["## Semi-synthetic experiment: rare-class accuracy of SSL, SL, SL on rare classes only, random features\n",
+                  semisynthetic_analysis(output_dir, folder)["markdown"]]
 
     plots = [
         ("acc_vs_rho.png", plot_acc_vs_rho(results, plot_metric, folder / "acc_vs_rho.png"), f"{plot_metric} vs rho per imbalance ratio"),
