@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="preferred dashboard port (a free one is taken when it is busy); default 8265")
     p.add_argument("--max-concurrent", type=int, metavar="N",
                    help="at most N trials (jobs) at once; default: the sweep's max_concurrent")
+    p.add_argument("--target", metavar="MODULE:FUNCTION",
+                   help="the function each job runs as function(cfg, run_dir); default ltssl.train:train "
+                   "(a resumed sweep keeps the one it started with)")
     p.add_argument("--dry-run", action="store_true",
                    help="check the sweep and every trial config, print the trials, start nothing")
     p.add_argument("--no-analyze", dest="analyze", action="store_false",
@@ -57,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a log file as they happen
     try:
         if args.dry_run:
             from ltssl.sweep.spec import load_sweep
@@ -81,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             dashboard_port=args.dashboard_port,
             max_concurrent=args.max_concurrent,
             analyze=args.analyze,
+            target=args.target,
         )
     except SweepError as error:
         print(f"sweep: {error}", file=sys.stderr)

@@ -46,9 +46,10 @@ def alive(pid: int) -> bool:
 def test_local_sweep_asha_stops_within_groups_failures_are_recorded(tmp_path):
     from ltssl.sweep import run_sweep
 
-    # One trial at a time, so the order in which trials reach ASHA's rungs (and its decisions) is fixed.
-    sweep = sweep_file(tmp_path, grid={"imbalance_ratio": [1, 100], "rho": [1.0, 0.05, FAIL_RHO]},
-                       scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2}, max_concurrent=1)
+    # Two at a time, in pairs of different ratios: rho 1.0 at r = 1 and r = 100 first (each the first
+    # of its group), then rho 0.05 at both ratios, then the failing jobs: ASHA's decisions are fixed.
+    sweep = sweep_file(tmp_path, grid={"rho": [1.0, 0.05, FAIL_RHO], "imbalance_ratio": [1, 100]},
+                       scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2}, max_concurrent=2)
     out = tmp_path / "out"
     outcome = run_sweep(sweep, output_dir=out, target=TARGET, target_kwargs={"epoch_s": 1.0, "steps_per_epoch": 4}, prepare=False)
     df = pd.read_parquet(out / "results.parquet").set_index("trial_id")
@@ -80,3 +81,56 @@ def test_local_sweep_asha_stops_within_groups_failures_are_recorded(tmp_path):
     assert (out / "report" / "report.md").is_file() and (out / "report" / "learning_curves.png").is_file()
     ledger = {p.stem: json.loads(p.read_text()) for p in (out / "ledger").glob("t*.json")}
     assert {k: v["status"] for k, v in ledger.items()} == df["status"].to_dict()
+
+
+def test_resume_after_the_driver_is_killed_runs_every_trial_exactly_once(tmp_path):
+    """SIGKILL the driver mid-sweep, then --resume: finished trials are kept, the others continue."""
+    from test_sweep_standin import checkpoint_epoch, kill_pids, ledger_records, ray_orphans, start_driver, sweep_env, wait_for
+
+    sweep = sweep_file(tmp_path, grid={"rho": [1.0, 0.5, 0.3]}, max_concurrent=2)
+    sweep.write_text(sweep.read_text().replace("epochs: 3", "epochs: 5"))
+    out = tmp_path / "out"
+    env = sweep_env(tmp_path, epoch_s=0.8)
+    driver = start_driver(["--config", str(sweep), "--output-dir", str(out), "--no-analyze"], env, tmp_path / "run1.log")
+
+    def mid_sweep():
+        records = ledger_records(out)
+        done = [k for k, r in records.items() if r["status"] == "completed"]
+        # a trial in mid-training: a checkpoint, and several epochs still to go
+        running = [k for k, r in records.items() if r["status"] == "running"
+                   and 1 <= checkpoint_epoch(Path(r["run_dir"])) <= 2]
+        return (done, running) if done and running else None
+
+    done_before, running_before = wait_for(mid_sweep, 180, "a completed and a running trial")
+    driver.kill()
+    driver.wait()
+    time.sleep(2)
+    kill_pids(ray_orphans(env["RAY_TMPDIR"]))  # Ray helpers a SIGKILLed driver leaves behind
+    before = ledger_records(out)
+    starts_before = {k: (out / "trials" / k / "starts.log").read_text() for k in done_before}
+
+    resumed = start_driver(["--resume", "--output-dir", str(out), "--no-analyze"], env, tmp_path / "run2.log")
+    assert resumed.wait(timeout=240) == 0, (tmp_path / "run2.log").read_text()
+    log = (tmp_path / "run2.log").read_text()
+    assert "resuming" in log
+
+    df = pd.read_parquet(out / "results.parquet")
+    assert sorted(df["trial_id"]) == ["t0000", "t0001", "t0002"]   # every trial exactly once
+    assert set(df["status"]) == {"completed"}
+    after = ledger_records(out)
+    for key in done_before:  # finished before the kill: not run again
+        assert after[key]["job_ids"] == before[key]["job_ids"]
+        assert (out / "trials" / key / "starts.log").read_text() == starts_before[key]
+    for key in running_before:
+        starts = [line.split() for line in (out / "trials" / key / "starts.log").read_text().splitlines()]
+        if after[key]["job_ids"] == before[key]["job_ids"]:
+            assert len(starts) == 1  # re-attached to the job that kept running
+        else:
+            assert int(starts[-1][1]) >= 1, starts  # resubmitted: resumed from its checkpoint, not epoch 0
+        epochs = [json.loads(x)["epoch"] for x in (out / "trials" / key / "metrics.jsonl").read_text().splitlines()
+                  if "knn_acc" in x and "final" not in x]
+        assert sorted(set(epochs)) == [1, 2, 3, 4, 5]
+    assert not ray_orphans(env["RAY_TMPDIR"])
+    for key, record in after.items():  # no job of the sweep still runs
+        job = json.loads((out / "trials" / key / "job.json").read_text())
+        assert not alive(int(job["job_id"])), key

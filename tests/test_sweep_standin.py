@@ -33,7 +33,10 @@ def accuracy(cfg, epoch: int) -> float:
     return round(max(0.05, base) * (1 - 0.5 ** epoch), 6)
 
 
-def train(cfg, run_dir, epoch_s: float = 0.3, steps_per_epoch: int = 2, pid_log: bool = True) -> dict:
+def train(cfg, run_dir, epoch_s: float | None = None, steps_per_epoch: int = 2, pid_log: bool = True) -> dict:
+    """``epoch_s`` defaults to $STANDIN_EPOCH_S (jobs started through the CLI inherit it), else 0.3."""
+    if epoch_s is None:
+        epoch_s = float(os.environ.get("STANDIN_EPOCH_S", "0.3"))
     run_dir = Path(run_dir)
     ckpt = run_dir / "checkpoints" / "last.json"
     start = json.loads(ckpt.read_text())["epoch"] if ckpt.exists() else 0
@@ -93,3 +96,79 @@ def test_standin_resumes_from_its_checkpoint(tmp_path):
     assert {x["epoch"] for x in lines} == {3}  # epochs 1-2 were not trained again
     assert lines[-1]["final"] is True and result["epochs_run"] == 3
     assert json.loads((tmp_path / "result.json").read_text())["knn_acc"] == accuracy(cfg, 3)
+
+
+# ------------------------------------------------------------------ helpers shared by the sweep tests
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+def sweep_env(tmp_path: Path, epoch_s: float) -> dict:
+    """Environment of a driver subprocess: the stand-in importable, its own short Ray temp dir."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = f"{TESTS}:{env.get('PYTHONPATH', '')}"
+    env["STANDIN_EPOCH_S"] = str(epoch_s)
+    env["RAY_TMPDIR"] = f"/tmp/ltr-{os.getpid()}-{abs(hash(str(tmp_path))) % 10**6}"
+    return env
+
+
+def start_driver(args: list[str], env: dict, log: Path):
+    """``launch/sweep.py ARGS`` in the background, stdout+stderr to ``log``."""
+    import subprocess
+    import sys
+
+    fh = open(log, "ab")
+    return subprocess.Popen([sys.executable, str(REPO / "launch" / "sweep.py"), *args, "--target", TARGET],
+                            stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=env.get("PWD_FOR_TEST") or None)
+
+
+def ray_orphans(ray_tmpdir: str) -> list[int]:
+    """Pids of Ray processes left by a killed driver (found by their temp dir in the command line)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if ray_tmpdir in cmdline:
+            pids.append(int(entry))
+    return pids
+
+
+def kill_pids(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def ledger_records(output_dir: Path) -> dict[str, dict]:
+    out = {}
+    for path in sorted((output_dir / "ledger").glob("t*.json")):
+        try:
+            out[path.stem] = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            pass
+    return out
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def checkpoint_epoch(run_dir: Path) -> int:
+    """The epoch of the stand-in's last checkpoint in ``run_dir`` (0 without one)."""
+    try:
+        return int(json.loads((run_dir / "checkpoints" / "last.json").read_text())["epoch"])
+    except (OSError, ValueError, KeyError):
+        return 0

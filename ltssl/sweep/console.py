@@ -108,3 +108,4 @@ class SweepBoard:
             self._live.console.print(message, highlight=False, markup=False)
         else:
             self.console.print(message, highlight=False, markup=False, soft_wrap=True)
+            self.console.file.flush()  # a log file (nohup, CI) shows each trial's end at once

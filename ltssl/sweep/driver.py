@@ -329,7 +329,7 @@ def run_sweep(
     dashboard: bool | None = None,
     dashboard_port: int = 8265,
     max_concurrent: int | None = None,
-    target: str = DEFAULT_TARGET,
+    target: str | None = None,
     target_kwargs: dict | None = None,
     analyze: bool = True,
     prepare: bool = True,
@@ -346,7 +346,8 @@ def run_sweep(
         resume: continue the sweep in ``output_dir`` (default: the newest one of this sweep).
         dashboard: start Ray's dashboard (default: on with a partition, off locally).
         max_concurrent: trials (jobs) at once; overrides the sweep's ``max_concurrent``.
-        target: ``"module:function"`` each job runs (``ltssl.train:train``).
+        target: ``"module:function"`` each job runs (default ``ltssl.train:train``; a resumed
+            sweep keeps the one it started with).
         target_kwargs: extra keyword arguments of the target.
         analyze: write the report (``output_dir/report``) at the end.
         prepare: prepare the datasets before the first trial (the jobs would otherwise).
@@ -373,12 +374,16 @@ def run_sweep(
             )
         partition = meta.get("partition")
         sweep_id = meta["sweep_id"]
+        target = target or meta.get("target") or DEFAULT_TARGET
+        if target_kwargs is None:
+            target_kwargs = meta.get("target_kwargs") or None
     else:
         spec = load_sweep(config or DEFAULT_SWEEP)
         output_dir = Path(output_dir) if output_dir is not None else default_output_dir(spec)
         if (output_dir / "sweep.json").is_file():
             raise SweepError(f"--output-dir {output_dir} already holds a sweep: add --resume to continue it")
         sweep_id = output_dir.resolve().name
+        target = target or DEFAULT_TARGET
     if max_concurrent is not None:
         if max_concurrent < 1:
             raise SweepError(f"--max-concurrent must be >= 1, got {max_concurrent}")
@@ -397,12 +402,15 @@ def run_sweep(
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"   # step lines carry no knn_acc
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"    # our parquet files are the record
-    os.environ.setdefault("RAY_AUTH_MODE", "token")           # explicit: token auth stays on
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ["RAY_TMPDIR"] = _ray_tmpdir()
     Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
     import ray
 
+    # Token authentication stays on: Ray turns it on for a new local cluster (when RAY_AUTH_MODE is
+    # unset; setting the variable after Ray's import would not reach its C++ config) and warns
+    # that it did: the console says it instead.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     port = _free_port(dashboard_port) if dashboard else None
     started_ray = False
     try:
@@ -450,7 +458,7 @@ def _run(spec, trials, output_dir: Path, sweep_id: str, partition, resume: bool,
 
         meta = {"sweep_id": sweep_id, "name": spec.name, "source": spec.source, "partition": partition,
                 "created": time.time(), "num_trials": len(trials), "metric": spec.metric, "mode": spec.mode,
-                **git_info()}
+                "target": target, "target_kwargs": target_kwargs or {}, **git_info()}
         atomic_write_text(output_dir / "sweep.json", json.dumps(meta, indent=1))
     outcome = SweepOutcome(output_dir=output_dir, sweep_id=sweep_id)
 
@@ -465,11 +473,13 @@ def _run(spec, trials, output_dir: Path, sweep_id: str, partition, resume: bool,
     searcher = SweepSearcher(spec, output_dir, partition, metric=spec.metric, mode=spec.mode)
 
     if resume:
+        console.print(f"resuming {output_dir}")
         counts = settle_unfinished(book, spec, scheduler)
         searcher = SweepSearcher(spec, output_dir, partition, metric=spec.metric, mode=spec.mode)
         console.print(
-            f"resuming {output_dir}: {counts['finished_while_away']} trial(s) finished while away, "
-            f"{counts['reattach']} job(s) to re-attach, {counts['resubmit']} to resubmit from their checkpoints"
+            f"  {counts['finished_while_away']} trial(s) finished while no driver ran, {counts['failed_while_away']} failed; "
+            f"{counts['reattach']} job(s) to re-attach, {counts['resubmit']} trial(s) to resubmit on their run_dir "
+            f"(from their checkpoints)"
         )
     for record in book.ledger.all():
         if record["status"] in RESULT_STATUSES:

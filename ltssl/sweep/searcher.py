@@ -70,6 +70,7 @@ class SweepSearcher(Searcher):
         self.next_index = 0
         self.studies: dict = {}
         self.asked: dict = {}                      # trial key -> optuna trial asked in this run
+        self.pending_tells: list[str] = []
         if self.tpe:
             self._rebuild_studies()
 
@@ -77,7 +78,7 @@ class SweepSearcher(Searcher):
         # Tune pickles the searcher for Tuner.restore, which this sweep does not use: the ledger
         # is the record, and Optuna's in-memory studies (locks) are rebuilt from it on resume.
         state = dict(self.__dict__)
-        state["studies"], state["asked"] = {}, {}
+        state["studies"], state["asked"], state["pending_tells"] = {}, {}, []
         return state
 
     # ------------------------------------------------------------------ optuna
@@ -119,7 +120,7 @@ class SweepSearcher(Searcher):
         if trial is not None:
             for epoch, v in sorted(history.items()):
                 trial.report(v, epoch)
-            study.tell(trial, state=state, **kwargs)
+            study.tell(trial, kwargs.get("value"), state=state)
         elif len(params) == len(dists):
             try:
                 study.add_trial(create_trial(params=params, distributions=dists, state=state,
@@ -152,6 +153,7 @@ class SweepSearcher(Searcher):
         return None
 
     def suggest(self, trial_id: str):
+        self._flush_tells()
         key = self.queue.pop(0) if self.queue else self._new_trial()
         if key is None:
             return Searcher.FINISHED
@@ -161,14 +163,20 @@ class SweepSearcher(Searcher):
 
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
         key = self.live.pop(trial_id, None)
-        if key is None or not self.tpe:
-            return
-        # The driver's callback has written the final status and metric into the ledger by now.
-        try:
-            record = self.ledger.read(key)
-        except (OSError, json.JSONDecodeError):
-            return
-        self._tell(key, record)
+        if key is not None and self.tpe:
+            # Tune calls the searcher before the driver's callback writes the trial's final status
+            # and metric to the ledger: tell the study at the next suggestion.
+            self.pending_tells.append(key)
+
+    def _flush_tells(self) -> None:
+        while self.pending_tells:
+            key = self.pending_tells.pop(0)
+            try:
+                record = self.ledger.read(key)
+            except (OSError, json.JSONDecodeError):
+                continue
+            self.records[key] = record
+            self._tell(key, record)
 
     def remaining(self) -> int:
         return len(self.queue) + sum(1 for p in self.planned[self.next_index:] if p.trial_id not in self.records)
