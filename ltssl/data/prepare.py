@@ -117,10 +117,17 @@ def _normalisation(source: Source) -> tuple[list[float], list[float]]:
     """Per-channel mean/std (fractions of 255) of the whole train pool: identical for LT and balanced."""
     if source.train_images is None:
         return [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # ImageNet statistics for image folders
-    x = source.train_images.reshape(-1, 3)
-    mean = x.mean(0, dtype=np.float64) / 255.0
-    sq = np.einsum("ij,ij->j", x, x, dtype=np.float64) / len(x) / 255.0**2
-    std = np.sqrt(np.maximum(sq - mean**2, 1e-12))
+    images = source.train_images
+    total = np.zeros(3)
+    total_sq = np.zeros(3)
+    step = 2048  # chunks keep the float64 copies small (a whole-pool cast of CIFAR would take 1.2 GB)
+    for start in range(0, len(images), step):
+        chunk = images[start:start + step].reshape(-1, 3).astype(np.float64)
+        total += chunk.sum(0)
+        total_sq += np.square(chunk).sum(0)
+    count = images.shape[0] * images.shape[1] * images.shape[2]
+    mean = total / count / 255.0
+    std = np.sqrt(np.maximum(total_sq / count / 255.0**2 - mean**2, 1e-12))
     return [round(float(m), 6) for m in mean], [round(float(s), 6) for s in std]
 
 

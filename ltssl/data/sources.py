@@ -200,6 +200,27 @@ def load_digits_source() -> Source:
     )
 
 
+def load_digits_ood_source() -> Source:
+    """Out-of-domain partner of digits (``data.ood_dataset: digits_ood``): the same split, shifted.
+
+    scikit-learn ships no second labelled image dataset, so the digits' OOD probe is a fixed
+    domain shift none of the SSL augmentations produces: every image intensity-inverted (white
+    background, 255 - x) and rotated by 90 degrees counter-clockwise. Same classes, same
+    train pool / test split as ``digits``; its own normalisation statistics.
+    """
+    base = load_digits_source()
+
+    def shift(images: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(255 - np.rot90(images, k=1, axes=(1, 2)))
+
+    return Source(
+        name="digits_ood", root=None, num_classes=base.num_classes, train_labels=base.train_labels,
+        test_labels=base.test_labels, train_ids=base.train_ids, test_ids=base.test_ids,
+        checksum=base.checksum + ":inverted-rot90", train_images=shift(base.train_images),
+        test_images=shift(base.test_images),
+    )
+
+
 # ----------------------------------------------------------------------------- image folders
 
 
@@ -287,16 +308,18 @@ def load_source(name: str, root: str | None = None, split_file: str | None = Non
     """Dispatch on the dataset name (data.dataset)."""
     if name == "digits":
         return load_digits_source()
+    if name == "digits_ood":
+        return load_digits_ood_source()
     if name in CIFAR_LAYOUT:
         return load_cifar(name, root)
     if name == "imagefolder":
         return load_imagefolder(root, split_file, test_split_file)
-    raise DataError(f"data.dataset must be one of digits, cifar10, cifar100, imagefolder, got {name!r}")
+    raise DataError(f"data.dataset must be one of digits, digits_ood, cifar10, cifar100, imagefolder, got {name!r}")
 
 
 def source_fingerprint(name: str, root: str | None) -> str:
     """A cheap identity of a source (file names, sizes, mtimes) for cache keys; no content hashing."""
-    if name == "digits" or not root:
+    if name in ("digits", "digits_ood") or not root:
         return name
     root_p = Path(root)
     if not root_p.exists():
