@@ -221,8 +221,9 @@ def plot_acc_vs_rho(results: pd.DataFrame, metric: str, path: Path) -> bool:
     Points are trials (x: stopped early), lines the mean over seeds at each rho; trials without a
     perturbation (SGD, or rho 0) are drawn as a dotted horizontal line: the baseline to beat.
     """
-    df = results[results["rho"].notna() & results[metric].notna() & results["status"].isin(["completed", "stopped_early"])]
-    if df.empty:
+    df = results[(results["rho"].notna() | (results["optimizer"] == "sgd")) & results[metric].notna()
+                 & results["status"].isin(["completed", "stopped_early"])]
+    if df.empty or not (df["rho"] > 0).any():
         return False
     plt = _plt()
     panels = sorted({(d, m) for d, m in zip(df["dataset"], df["method"])}, key=str)
@@ -254,7 +255,7 @@ def plot_acc_vs_rho(results: pd.DataFrame, metric: str, path: Path) -> bool:
                         ax.plot(means.index, means.values, color=color, marker=marker,
                                 linestyle="--" if balanced else "-", label=f"r={ratio:g}{suffix} {opt}/{weighting}")
         rhos = perturbed["rho"]
-        if len(rhos) and rhos.max() / rhos.min() > 20:
+        if len(rhos) and rhos.max() / rhos.min() > 4:
             ax.set_xscale("log")
         ax.set_xlabel("rho (optim.rho)")
         ax.set_ylabel(metric)
@@ -323,7 +324,8 @@ def plot_per_class(results: pd.DataFrame, best: pd.DataFrame, path: Path) -> boo
         order = np.argsort(counts)
         color = cmap(i / max(1, len(picked) - 1) * 0.85)
         ax.plot(counts[order], accs[order], marker="o", color=color, alpha=0.8,
-                label=f"{dataset} r={ratio:g}{' balanced' if balanced else ''} {method} ({row['trial_id']})")
+                label=f"{dataset} r={ratio:g}{' balanced' if balanced else ''} {method} {row['optimizer']}"
+                      + (f" rho={row['rho']:.3g}" if pd.notna(row["rho"]) else "") + f" ({row['trial_id']})")
     ax.set_xscale("log")
     ax.set_xlabel("training images of the class (log)")
     ax.set_ylabel("per-class accuracy (linear probe)")
@@ -340,7 +342,8 @@ def plot_learning_curves(results: pd.DataFrame, metrics: pd.DataFrame | None, me
     """The metric per epoch of every trial, one panel per group; stopped trials dashed."""
     if metrics is None or metrics.empty or metric not in metrics.columns:
         return False
-    m = metrics[metrics[metric].notna() & ~metrics["final"].fillna(False).astype(bool)]
+    # every line carrying the metric; the final line repeats the last evaluation's epoch: keep one
+    m = metrics[metrics[metric].notna()].drop_duplicates(subset=["trial_id", "epoch"], keep="last")
     if m.empty:
         return False
     plt = _plt()
@@ -358,6 +361,7 @@ def plot_learning_curves(results: pd.DataFrame, metrics: pd.DataFrame | None, me
             ax.plot(g["epoch"], g[metric], linestyle="--" if status == "stopped_early" else "-", marker=".",
                     label=f"{trial} ({status if isinstance(status, str) else 'running'})")
         ax.set_title(group, fontsize=9)
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)

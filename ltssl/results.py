@@ -51,12 +51,12 @@ RESULTS_SCHEMA = pa.schema(
         _field("n_train", pa.int64(), "training images (result.json; null when the trial never finished)"),
         _field("method", pa.string(), "method.name: simsiam, simclr, moco_v2, supervised"),
         _field("optimizer", pa.string(), "optim.name: sgd, sam, rwsam"),
-        _field("rho", pa.float64(), "optim.rho: SAM/rwSAM perturbation radius"),
-        _field("adaptive", pa.bool_(), "optim.adaptive: ASAM scaling"),
-        _field("weighting", pa.string(), "optim.weighting: none, label_power, kde"),
-        _field("label_power_base", pa.float64(), "optim.label_power_base"),
-        _field("kde_alpha", pa.float64(), "optim.kde_alpha"),
-        _field("kde_bandwidth", pa.float64(), "optim.kde_bandwidth"),
+        _field("rho", pa.float64(), "optim.rho: SAM/rwSAM perturbation radius (null for sgd)"),
+        _field("adaptive", pa.bool_(), "optim.adaptive: ASAM scaling (null for sgd)"),
+        _field("weighting", pa.string(), "optim.weighting: none, label_power, kde (null unless optimizer is rwsam)"),
+        _field("label_power_base", pa.float64(), "optim.label_power_base (null unless weighting is label_power)"),
+        _field("kde_alpha", pa.float64(), "optim.kde_alpha (null unless weighting is kde)"),
+        _field("kde_bandwidth", pa.float64(), "optim.kde_bandwidth (null unless weighting is kde)"),
         _field("balanced", pa.bool_(), "data.balanced: the balanced subset with the LT subset's n (for Delta(n, r))"),
         _field("seed", pa.int64(), "train.seed"),
         _field("epochs_run", pa.int64(), "epochs trained (for a trial that did not complete: the last evaluated epoch)"),
@@ -199,6 +199,16 @@ def result_row(record: dict, sweep_id: str, metrics: list[dict] | None = None) -
         "config_json": json.dumps(cfg, sort_keys=True, default=str),
         "run_dir": str(run_dir) if record.get("run_dir") else None,
     }
+    # Settings the optimizer does not use are null, so that grouping by them cannot mislead:
+    # SGD has no rho and no adaptive scaling; only rwSAM weights its ascent loss.
+    if row["optimizer"] == "sgd":
+        row["rho"] = row["adaptive"] = None
+    if row["optimizer"] != "rwsam":
+        row["weighting"] = None
+    if row["optimizer"] != "rwsam" or row["weighting"] != "label_power":
+        row["label_power_base"] = None
+    if row["optimizer"] != "rwsam" or row["weighting"] != "kde":
+        row["kde_alpha"] = row["kde_bandwidth"] = None
     for key in _RESULT_KEYS:
         row[key] = _num(result.get(key))
     if row["knn_acc"] is None:

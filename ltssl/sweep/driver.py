@@ -354,7 +354,10 @@ def run_sweep(
     """
     from rich.console import Console
 
-    console = console or Console(highlight=False)
+    if console is None:
+        console = Console(highlight=False)
+        if not console.is_terminal:  # a log file: wide enough for the results table
+            console = Console(highlight=False, width=140)
     # ---------------------------------------------------------------- the sweep and its folder
     if resume:
         if output_dir is None:
@@ -396,6 +399,7 @@ def run_sweep(
     # checks and the dataset preparation in a child process, overlapping with Ray's start-up.
     configs = [t.config for t in trials]
     _quick_preflight(configs)
+    console.print(f"sweep {spec.name}: {len(trials)} trials checked; preparing datasets and starting Ray ...")
     # The trainer's name checks only apply to the trainer (tests and benchmarks run stand-ins).
     checker = ThreadPoolExecutor(max_workers=1).submit(_check_jobs, configs, prepare, target == DEFAULT_TARGET)
 
@@ -585,23 +589,32 @@ def print_results(path: Path, spec: SweepSpec, console) -> None:
     import pandas as pd
     from rich.table import Table
 
-    df = pd.read_parquet(path)
+    from ltssl.results import read_table
+    from ltssl.sweep.spec import ALIASES
+
+    df = read_table(path).to_pandas()
     if df.empty:
         console.print("no trial has finished")
         return
-    axes = [k for k in json.loads(df["params_json"].iloc[0]).keys()]
+    axes: list[str] = []
+    for text in df["params_json"]:
+        axes += [k for k in json.loads(text) if k not in axes]
+    short = {dotted: alias for alias, dotted in ALIASES.items()}
     asc = spec.mode == "min"
     metric = spec.metric if spec.metric in df.columns else "knn_acc"
     df = df.sort_values(["group", metric], ascending=[True, asc], na_position="last")
-    table = Table(title=f"results ({len(df)} trials)", box=None, header_style="bold")
-    for col in ["trial", "status", "group", *[a.split(".")[-1] for a in axes], "epochs", "knn_acc", "linear_acc", "job"]:
-        table.add_column(col)
+    table = Table(title=f"results ({len(df)} trials; {path})", box=None, header_style="bold")
+    columns = ["trial", "status", *[short.get(a, a) for a in axes], "epochs", metric]
+    columns += [c for c in ("knn_acc", "linear_acc", "acc_few") if c != metric] + ["job"]
+    for col in columns:
+        table.add_column(col, no_wrap=True)
     for _, row in df.iterrows():
         params = json.loads(row["params_json"])
 
         def f(v):
             return "-" if v is None or (isinstance(v, float) and v != v) else (f"{v:.4g}" if isinstance(v, float) else str(v))
 
-        table.add_row(row["trial_id"], row["status"], row["group"], *[f(params.get(a)) for a in axes],
-                      f(row["epochs_run"]), f(row["knn_acc"]), f(row["linear_acc"]), f(row["slurm_job_id"]))
+        accs = [f(row[c]) for c in ("knn_acc", "linear_acc", "acc_few") if c != metric]
+        table.add_row(row["trial_id"], row["status"], *[f(params.get(a)) for a in axes],
+                      f(row["epochs_run"]), f(row[metric]), *accs, f(row["slurm_job_id"]))
     console.print(table)

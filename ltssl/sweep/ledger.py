@@ -7,7 +7,8 @@ the sweep keeps ``<output-dir>/ledger/<trial_id>.json``::
     {"trial_id": "t0003", "status": "running", "params": {"optim.rho": 0.52, ...},
      "config": {...resolved training config...}, "group": "digits/r=10/lt/simsiam",
      "run_dir": ".../trials/t0003", "job_id": "17", "job_ids": ["12", "17"],
-     "partition": "cpu", "error": null, "updated": 1732412345.2}
+     "partition": "cpu", "error": null, "updated": 1732412345.2,
+     "history": [["pending", 1732412301.0], ["submitting", 1732412301.1], ["running", 1732412301.4]]}
 
 Status moves ``pending -> submitting -> running -> completed | stopped_early | failed |
 cancelled``. ``submitting`` is written before a job is submitted and ``running`` (with the job
@@ -70,6 +71,7 @@ class Ledger:
                 return self.read(trial_id)
             record = {"status": "pending", "job_id": None, "job_ids": [], "error": None, **entry}
             record["updated"] = time.time()
+            record["history"] = [[record["status"], record["updated"]]]
             atomic_write_text(self.path(trial_id), json.dumps(record, indent=1, default=str))
             return record
 
@@ -80,8 +82,11 @@ class Ledger:
             job_id = fields.get("job_id")
             if job_id is not None and job_id not in record.get("job_ids", []):
                 record.setdefault("job_ids", []).append(job_id)
+            now = time.time()
+            if "status" in fields and fields["status"] != record.get("status"):
+                record.setdefault("history", []).append([fields["status"], now])
             record.update(fields)
-            record["updated"] = time.time()
+            record["updated"] = now
             atomic_write_text(self.path(trial_id), json.dumps(record, indent=1, default=str))
             return record
 

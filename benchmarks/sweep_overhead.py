@@ -1,0 +1,241 @@
+#!/usr/bin/env python
+"""The sweep driver's own cost: time per trial and memory, with jobs that do nothing.
+
+Runs sweeps whose every trial is a Slurm job on the local cluster running the launch layer's toy
+trainer with zero steps (``ltssl.launch.toy:train``: it writes its result and returns), so what is
+measured is the driver: Ray Tune, the trial actor, submission, tailing, completion, bookkeeping.
+
+Per trial, from the sweep ledger's status times and the job's own record (run_dir/job.json):
+
+- ``driver_submit_s``: trial handed out by the searcher -> job submitted (actor start or reuse,
+  ledger, sbatch);
+- ``slurm_queue_s``: job submitted -> its Python process started (Slurm's scheduling, the node's
+  process start-up and submitit's import: not the driver's);
+- ``job_run_s``: job started -> job function returned (the toy trainer: nothing);
+- ``driver_complete_s``: job function returned -> trial recorded (result detected, ledger,
+  results.parquet rewritten);
+- ``driver_s`` = ``driver_submit_s + driver_complete_s``: the driver's time per trial beyond
+  Slurm's own scheduling. Goal: under 2 s.
+
+Memory: the driver process's RSS (the Python process running Tune) and the total PSS of the
+driver plus every Ray process it started (GCS, raylet, dashboard, trial actors), sampled every
+0.25 s, for a sweep of 100 trials queued at once. Each *running* trial holds one Ray actor process,
+so the total grows with ``max_concurrent``; the benchmark runs at two concurrencies to show it.
+
+    slurm/local-cluster up && eval "$(slurm/local-cluster env)"
+    .venv/bin/python benchmarks/sweep_overhead.py            # writes benchmarks/results/sweep_overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+RESULTS = REPO / "benchmarks" / "results" / "sweep_overhead.json"
+NOOP_TARGET = "ltssl.launch.toy:train"
+
+
+def sweep_yaml(folder: Path, n: int, max_concurrent: int) -> Path:
+    path = folder / f"noop-{n}-{max_concurrent}.yaml"
+    path.write_text(json.dumps({
+        "name": f"noop-{n}",
+        "base": {"data": {"dataset": "digits", "cache_dir": str(folder / "data")}, "train": {"epochs": 1},
+                 "launch": {"timeout_min": 10, "signal_delay_s": 30, "mem_gb": 0.5}},
+        "grid": {"seed": list(range(n))},
+        "max_concurrent": max_concurrent,
+        "max_trials": max(n, 1),
+        "poll_interval_s": 0.2,
+    }))
+    return path
+
+
+def _pss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _ray_pids(ray_tmpdir: str) -> list[int]:
+    """Processes whose command line names this sweep's Ray temp dir, plus the Ray workers."""
+    pids = []
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if ray_tmpdir in cmd:
+            pids.append(int(entry))
+    return pids
+
+
+class MemorySampler(threading.Thread):
+    def __init__(self, ray_tmpdir: str, period: float = 0.25):
+        super().__init__(daemon=True)
+        self.ray_tmpdir = ray_tmpdir
+        self.period = period
+        self.stop_event = threading.Event()
+        self.driver_rss_max = 0
+        self.total_pss_max = 0
+        self.processes_max = 0
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            driver = _rss(os.getpid())
+            pids = _ray_pids(self.ray_tmpdir)
+            total = _pss(os.getpid()) + sum(_pss(p) for p in pids)
+            self.driver_rss_max = max(self.driver_rss_max, driver)
+            self.total_pss_max = max(self.total_pss_max, total)
+            self.processes_max = max(self.processes_max, len(pids) + 1)
+            self.stop_event.wait(self.period)
+
+
+def trial_times(output_dir: Path) -> list[dict]:
+    rows = []
+    for path in sorted((output_dir / "ledger").glob("t*.json")):
+        record = json.loads(path.read_text())
+        history = {status: t for status, t in record.get("history", [])}
+        job = json.loads((Path(record["run_dir"]) / "job.json").read_text())
+        started = job["attempts"][-1]["started"]
+        rows.append({
+            "trial": record["trial_id"],
+            "status": record["status"],
+            "driver_submit_s": job["submitted"] - history["pending"],
+            "slurm_queue_s": started - job["submitted"],
+            "job_run_s": job["finished"] - started,
+            "driver_complete_s": history[record["status"]] - job["finished"],
+            "trial_total_s": history[record["status"]] - history["pending"],
+        })
+    for row in rows:
+        row["driver_s"] = row["driver_submit_s"] + row["driver_complete_s"]
+    return rows
+
+
+def summarise(values: list[float]) -> dict:
+    values = sorted(values)
+    return {"median": round(statistics.median(values), 3), "p90": round(values[int(0.9 * (len(values) - 1))], 3),
+            "max": round(values[-1], 3), "mean": round(statistics.fmean(values), 3)}
+
+
+def run_one(folder: Path, n: int, max_concurrent: int, dashboard: bool) -> dict:
+    from rich.console import Console
+
+    from ltssl.sweep.driver import run_sweep
+
+    out = folder / f"out-{n}-{max_concurrent}"
+    sampler = MemorySampler(os.environ["RAY_TMPDIR"])
+    sampler.start()
+    started = time.time()
+    with open(folder / f"log-{n}-{max_concurrent}.txt", "w") as log:
+        outcome = run_sweep(sweep_yaml(folder, n, max_concurrent), partition="cpu", output_dir=out, dashboard=dashboard,
+                            target=NOOP_TARGET, target_kwargs={"steps": 0}, prepare=False, analyze=False,
+                            console=Console(file=log, width=120), live=False)
+    wall = time.time() - started
+    sampler.stop_event.set()
+    sampler.join()
+    rows = trial_times(out)
+    completed = [r for r in rows if r["status"] == "completed"]
+    if len(completed) != n:
+        raise SystemExit(f"{n - len(completed)} of {n} trials did not complete: see {out}")
+    return {
+        "trials": n,
+        "max_concurrent": max_concurrent,
+        "dashboard": dashboard,
+        "sweep_wall_s": round(wall, 2),
+        "sweep_wall_per_trial_s": round(wall / n, 3),
+        "per_trial_s": {k: summarise([r[k] for r in completed]) for k in
+                        ("driver_s", "driver_submit_s", "driver_complete_s", "slurm_queue_s", "job_run_s", "trial_total_s")},
+        "memory": {
+            "driver_rss_max_mb": round(sampler.driver_rss_max / 2**20, 1),
+            "driver_and_ray_pss_max_mb": round(sampler.total_pss_max / 2**20, 1),
+            "processes_max": sampler.processes_max,
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--trials", type=int, default=100, help="trials of the memory sweep (queued at once)")
+    p.add_argument("--timing-trials", type=int, default=40, help="trials of the timing sweep")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[8, 32],
+                   help="max_concurrent values of the memory sweeps")
+    p.add_argument("--output", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if not os.environ.get("SLURM_CONF"):
+        raise SystemExit('SLURM_CONF is not set: run `slurm/local-cluster up` and `eval "$(slurm/local-cluster env)"` first')
+    from ltssl.launch import slurm
+
+    if "cpu" not in slurm.partitions():
+        raise SystemExit("the local cluster has no partition cpu")
+    os.environ["RAY_TMPDIR"] = f"/tmp/ltr-bench-{os.getpid()}"
+    folder = Path(tempfile.mkdtemp(prefix="sweep-overhead-"))
+    sinfo = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %c %m"], capture_output=True, text=True).stdout.split()
+    sched = next((line for line in Path(os.environ["SLURM_CONF"]).read_text().splitlines()
+                  if line.startswith("SchedulerParameters")), "")
+    runs = {"timing": run_one(folder, args.timing_trials, 8, dashboard=False)}
+    for mc in args.concurrency:
+        runs[f"memory_{args.trials}_trials_concurrency_{mc}"] = run_one(folder, args.trials, mc, dashboard=True)
+    load = os.getloadavg()
+    result = {
+        "benchmark": "sweep_overhead",
+        "what": "driver time per trial and driver memory, for trials whose Slurm job does nothing "
+                f"({NOOP_TARGET} with steps=0) on the local one-node Slurm cluster, partition cpu",
+        "goal": {"driver_s_per_trial_below": 2.0, "driver_memory_mb_below": 1024},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "slurm_node": sinfo,
+                    "slurm_scheduler": sched, "load_average_at_end": [round(x, 2) for x in load]},
+        "runs": runs,
+        "command": "eval \"$(slurm/local-cluster env)\" && .venv/bin/python benchmarks/sweep_overhead.py",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    timing = runs["timing"]["per_trial_s"]["driver_s"]
+    result["verdict"] = {
+        "driver_s_median": timing["median"],
+        "driver_s_p90": timing["p90"],
+        "time_goal_met": timing["median"] < 2.0,
+        "driver_rss_max_mb": max(r["memory"]["driver_rss_max_mb"] for r in runs.values()),
+        "driver_memory_goal_met": all(r["memory"]["driver_rss_max_mb"] < 1024 for r in runs.values()),
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.output.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, args.output)
+    print(json.dumps(result["verdict"], indent=2))
+    for name, run in runs.items():
+        print(name, json.dumps({"wall_per_trial_s": run["sweep_wall_per_trial_s"], **{k: v["median"] for k, v in run["per_trial_s"].items()},
+                                **run["memory"]}))
+    print(f"written: {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
