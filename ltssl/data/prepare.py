@@ -85,15 +85,15 @@ def _options(data_cfg: Any) -> dict:
 
 def check_options(opts: dict) -> None:
     """Cheap checks of a data configuration, before any loading (one-line DataError)."""
-    if opts["dataset"] not in ("digits", "cifar10", "cifar100", "imagefolder"):
-        raise DataError(f"data.dataset must be one of digits, cifar10, cifar100, imagefolder, got {opts['dataset']!r}")
+    if opts["dataset"] not in ("digits", "digits_ood", "cifar10", "cifar100", "imagefolder"):
+        raise DataError(f"data.dataset must be one of digits, digits_ood, cifar10, cifar100, imagefolder, got {opts['dataset']!r}")
     if not opts["imbalance_ratio"] >= 1:
         raise DataError(f"data.imbalance_ratio must be >= 1, got {opts['imbalance_ratio']}")
     if opts["n_max"] is not None and int(opts["n_max"]) < 1:
         raise DataError(f"data.n_max must be >= 1, got {opts['n_max']}")
     if opts["probe_per_class"] is not None and int(opts["probe_per_class"]) < 1:
         raise DataError(f"data.probe_per_class must be >= 1, got {opts['probe_per_class']}")
-    if opts["dataset"] != "digits":
+    if opts["dataset"] not in ("digits", "digits_ood"):  # embedded in scikit-learn: no source folder
         if not opts["root"]:
             raise DataError(f"data.root must name the {opts['dataset']} source folder, got None")
         if not Path(opts["root"]).is_dir():
@@ -459,9 +459,9 @@ def prepare_dataset(data_cfg: Any) -> PreparedDataset:
     opts = _options(data_cfg)
     check_options(opts)
     if getattr(data_cfg, "ood_dataset", None):
-        if data_cfg.ood_dataset not in ("digits", "cifar10", "cifar100", "imagefolder"):
-            raise DataError(f"data.ood_dataset must be one of digits, cifar10, cifar100, imagefolder, got {data_cfg.ood_dataset!r}")
-        if data_cfg.ood_dataset != "digits" and not data_cfg.ood_root:
+        if data_cfg.ood_dataset not in ("digits", "digits_ood", "cifar10", "cifar100", "imagefolder"):
+            raise DataError(f"data.ood_dataset must be one of digits, digits_ood, cifar10, cifar100, imagefolder, got {data_cfg.ood_dataset!r}")
+        if data_cfg.ood_dataset not in ("digits", "digits_ood") and not data_cfg.ood_root:
             raise DataError(f"data.ood_root must name the {data_cfg.ood_dataset} source folder, got None")
     cache_dir = Path(getattr(data_cfg, "cache_dir", "data")).resolve()
     root, manifest = _build_cached(data_cfg, cache_dir)
