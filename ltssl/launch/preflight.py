@@ -98,7 +98,7 @@ def check_dataset(cfg: Config) -> None:
         raise LaunchError(f"data.root must name the {data.dataset} source folder, got None")
     if data.split_file:
         _readable(Path(data.split_file), "data.split_file", want_dir=False)
-    if data.ood_dataset and data.ood_dataset != "digits":
+    if data.ood_dataset and data.ood_dataset not in ("digits", "digits_ood"):  # embedded: no source folder
         if not data.ood_root:
             raise LaunchError(f"data.ood_root must name the {data.ood_dataset} source folder, got None")
         _readable(Path(data.ood_root), "data.ood_root", want_dir=True)
