@@ -54,7 +54,7 @@ def data_cache(tmp_path_factory):
 def real_cfg(cache: Path, overrides: dict | None = None, **launch):
     """sweeps/digits_lt/train.yaml on the cpu partition, shortened for tests."""
     launch = {"partition": "cpu", "timeout_min": 30, "signal_delay_s": 30, "mem_gb": 2, **launch}
-    base = {"data.cache_dir": str(cache), "train.device": "cpu", "eval.linear_epochs": 5}
+    base = {"data.cache_dir": str(cache), "train.device": "cpu", "eval.linear_epochs": 2}
     base.update({f"launch.{k}": v for k, v in launch.items()})
     base.update(overrides or {})
     return load_config(TRAIN_YAML, base)
@@ -148,7 +148,7 @@ def test_ddp_two_tasks_on_cpu_partition_returns_rank0_result(slurm_cluster, time
 def test_requeued_job_resumes_and_matches_uninterrupted_run(slurm_cluster, data_cache, tmp_path):
     """scontrol requeue (SIGTERM: checkpoint, exit, requeue) and then a preemption signal
     (USR2: checkpoint_now, self-requeue) mid-training; the result equals an uninterrupted run's."""
-    overrides = {"train.epochs": 3, "train.log_every": 1}
+    overrides = {"train.epochs": 2, "train.log_every": 1}
     reference = submit(real_cfg(data_cache, overrides), tmp_path / "uninterrupted")
     run_dir = tmp_path / "interrupted"
     handle = submit(real_cfg(data_cache, overrides), run_dir)

@@ -150,5 +150,9 @@ def job_state(job_id: str) -> tuple[str, str | None]:
 
 
 def cancel(job_id: str) -> None:
-    """scancel the job (all its steps and tasks)."""
-    _run(["scancel", job_id], f"cancelling job {job_id}")
+    """scancel the job (all its steps and tasks); a job that has just ended is not an error."""
+    try:
+        _run(["scancel", job_id], f"cancelling job {job_id}")
+    except LaunchError:
+        if job_state(job_id)[0] not in TERMINAL_STATES:
+            raise

@@ -313,10 +313,10 @@ class JobHandle:
             state, nodes = slurm.job_state(self.job_id)
             if nodes:
                 self._node_list = nodes
-            if state not in slurm.TERMINAL_STATES and self._cancelled:
+            if state not in slurm.TERMINAL_STATES and self._cancelled and not self._succeeded():
                 return "CANCELLED"
             return state
-        if self._was_cancelled():
+        if self._was_cancelled() and not self._succeeded():
             return "CANCELLED"
         if self._controller_alive() and not all(self._read_result(t) is not None for t in range(self.num_tasks)):
             return "RUNNING"  # (every task has written its result: the controller is only exiting)
@@ -338,6 +338,10 @@ class JobHandle:
             return None
         return outcome
 
+    def _succeeded(self) -> bool:
+        outcome = self._read_result(0)
+        return outcome is not None and outcome[0] == "success"
+
     def done(self) -> bool:
         """Whether the job has ended (or its rank-0 result is already there)."""
         if self._final_result() is not None:
@@ -358,9 +362,11 @@ class JobHandle:
         poll_s = poll_s if poll_s is not None else (1.0 if self.executor == "slurm" else 0.2)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            outcome = self._final_result()
+            if outcome is not None and outcome[0] == "success":  # (it may have finished as it was cancelled)
+                return outcome[1]
             if self._was_cancelled():
                 raise JobCancelledError(f"job {self.job_id} was cancelled")
-            outcome = self._final_result()
             if outcome is not None:
                 return self._unwrap(outcome, task=0)
             state = self.state
@@ -437,8 +443,11 @@ class JobHandle:
 
         Slurm: ``scancel`` (rank 0 saves a checkpoint on the SIGTERM and every task exits at once).
         Local: SIGTERM to the job's process group, SIGKILL after 2 s for anything left (works from a
-        Ray worker, where SIGINT is blocked). Returns within about 2 s.
+        Ray worker, where SIGINT is blocked). Returns within about 2 s. A job that has already
+        ended is left as it is (its result stays readable).
         """
+        if self._succeeded() or (self.executor == "slurm" and self.state in slurm.TERMINAL_STATES):
+            return
         self._cancelled = True
         update_job_json(self.run_dir, cancelled=time.time())
         if self.executor == "slurm":
