@@ -25,10 +25,13 @@ Outputs (rank 0): ``run_dir/config.yaml``, ``metrics.jsonl`` (one JSON object pe
 flushed), ``checkpoints/last.pt`` (atomic; ``torch.load(weights_only=True)``), ``result.json``.
 A job started on a run folder with a checkpoint resumes from it, mid-epoch too.
 
-Signals: SIGUSR2 and SIGTERM stay blocked in the training thread except at step
-boundaries (and between evaluation batches), so a handler that calls
-:func:`checkpoint_now` always sees a consistent state. Threads started during training
-(loader, OpenMP, process-group threads) inherit the block.
+Signals: SIGUSR2 and SIGTERM stay blocked in the calling thread from the start of
+``train`` except at step boundaries (and between evaluation batches), so a handler that
+calls :func:`checkpoint_now` always sees a consistent state. Threads started during
+training (loader, OpenMP, process-group threads) inherit the block. Limitation: a thread
+that existed before ``train`` was called and does not block them could take a
+process-directed signal, and CPython would then run the handler mid-step; the launch
+layer's job process starts no such thread.
 """
 
 from __future__ import annotations
@@ -277,6 +280,11 @@ class Trainer:
         if cfg.train.batch_size % self.world:
             raise ConfigError(f"train.batch_size must be divisible by the world size {self.world}, got {cfg.train.batch_size}")
         self.local_batch = cfg.train.batch_size // self.world
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self.amp = cfg.train.amp and self.device.type == "cuda"
         self.channels_last = cfg.train.channels_last and self.device.type == "cuda"
 
@@ -290,6 +298,7 @@ class Trainer:
         self.barrier()
         if not self.is_main:
             self.data = prepare_dataset(cfg.data)
+        self.boundary()  # a signal during preparation is handled now (no trainer state yet: nothing to save)
         recipe = "imagenet" if cfg.data.dataset == "imagefolder" else "cifar"
         self.loader = cached_loader(SSLLoader, self.data.train_beton, batch_size=self.local_batch, num_views=cfg.data.num_views,
                                 image_size=self.data.image_size, recipe=recipe, seed=cfg.train.seed,
@@ -310,7 +319,7 @@ class Trainer:
             # buffers (BN statistics, MoCo's queue) are not broadcast every forward: the queue is the same on
             # every rank by construction, and BN statistics are synchronised before each evaluation.
             model = nn.parallel.DistributedDataParallel(method, device_ids=[self.local_rank] if self.device.type == "cuda" else None,
-                                                        broadcast_buffers=False)
+                                                        **_no_forward_buffer_sync())
         if cfg.train.compile:
             model = torch.compile(model)
         self.model = model
@@ -470,10 +479,11 @@ class Trainer:
         return out
 
     # ---------------------------------------------------------------- the loop
-    def check_losses(self, pending: list[tuple[int, int, torch.Tensor]]) -> None:
+    def check_losses(self, pending: list[tuple[int, int, torch.Tensor]], values: torch.Tensor | None = None) -> None:
+        """Raise NonFiniteLossError at the first non-finite loss of ``pending`` (or of ``values``, its global means)."""
         if not pending:
             return
-        values = torch.stack([loss for _, _, loss in pending]).cpu()
+        values = (torch.stack([loss for _, _, loss in pending]) if values is None else values).cpu()
         bad = (~torch.isfinite(values)).nonzero()
         if len(bad):
             i = int(bad[0])
@@ -508,7 +518,10 @@ class Trainer:
                 window_images += cfg.train.batch_size
                 if self.global_step % cfg.train.log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
                     losses = torch.stack([p[2] for p in pending]).float()
-                    self.check_losses(pending)
+                    if self.world > 1:  # the global batch's loss; a NaN on any rank stops every rank here
+                        dist.all_reduce(losses)
+                        losses /= self.world
+                    self.check_losses(pending, losses)
                     self.last_loss = float(losses[-1])
                     self.epoch_loss_sum += float(losses.sum())
                     self.epoch_loss_count += len(losses)
@@ -546,6 +559,14 @@ class Trainer:
             log.close()
         if getattr(self, "owns_group", False) and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _no_forward_buffer_sync() -> dict:
+    """DDP's keyword for "do not broadcast buffers at every forward" (renamed after torch 2.11)."""
+    import inspect
+
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
 
 
 def _build_encoder(cfg: Config, image_size: int) -> nn.Module:

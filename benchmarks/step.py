@@ -1,0 +1,180 @@
+"""Time per training step: SGD vs SAM vs rwSAM (label_power, kde), side by side in one run.
+
+Each variant is the real training step (:func:`ltssl.train.train_step`) of SimSiam on
+ResNet-18 (CIFAR stem) with its own model and optimizer, on the same synthetic batch of
+two views. Steps are interleaved round-robin (variant A, B, C, D, A, B, ...) so that load
+changes on a shared machine hit every variant alike; the median is reported.
+
+The KDE refresh is timed as the trainer does it: a no-grad, eval-mode feature pass
+(:func:`ltssl.eval.extract_features`) over images at the evaluation batch size, scaled to
+the training-set size ``--n-train`` (default 12,406: CIFAR-10-LT, ratio 100), plus the
+chunked density of ``--n-train`` features (:func:`ltssl.optim.weights.kde_weights`),
+measured at full size. Its share of an epoch is ``refresh / (steps_per_epoch * rwSAM-kde
+step)``; the amortised rwSAM-kde step adds ``refresh / (steps_per_epoch * kde_every)``.
+
+    .venv/bin/python benchmarks/step.py                      # CPU, about 2-3 minutes on 2 cores
+    .venv/bin/python benchmarks/step.py --device cuda --batch-size 512 --steps 20
+
+Writes ``benchmarks/results/step.json`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ltssl.config import atomic_write_text, load_config  # noqa: E402
+from ltssl.eval import extract_features  # noqa: E402
+from ltssl.methods import build_method  # noqa: E402
+from ltssl.optim import SampleWeights, build_optimizer, kde_weights  # noqa: E402
+from ltssl.train import EVAL_BATCH_SIZE, train_step  # noqa: E402
+
+VARIANTS = {
+    "sgd": {"optim.name": "sgd"},
+    "sam": {"optim.name": "sam"},
+    "rwsam_label_power": {"optim.name": "rwsam", "optim.weighting": "label_power"},
+    "rwsam_kde": {"optim.name": "rwsam", "optim.weighting": "kde"},
+}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--backbone", default="resnet18_cifar")
+    ap.add_argument("--batch-size", type=int, default=64, help="batch of the step (one process)")
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--proj-dim", type=int, default=2048, help="SimSiam projector width (the CIFAR recipe's 2048)")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per variant")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
+    ap.add_argument("--n-train", type=int, default=12406, help="training-set size for the KDE refresh (CIFAR-10-LT r=100)")
+    ap.add_argument("--feature-images", type=int, default=1024, help="images actually run through the feature pass")
+    ap.add_argument("--kde-every", type=int, default=1)
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "step.json"))
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    amp = device.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    gen = torch.Generator().manual_seed(0)
+    num_classes = 10
+    class_counts = [int(args.n_train / num_classes)] * num_classes
+    batch = {
+        "views": [torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=gen).to(device, memory_format=memory_format)
+                  for _ in range(2)],
+        "label": torch.randint(0, num_classes, (args.batch_size,), generator=gen).to(device),
+        "index": torch.randint(0, args.n_train, (args.batch_size,), generator=gen).to(device),
+    }
+
+    runs = {}
+    for name, overrides in VARIANTS.items():
+        cfg = load_config(overrides={"model.backbone": args.backbone, "data.image_size": args.image_size,
+                                     "method.name": "simsiam", "method.proj_dim": args.proj_dim,
+                                     "method.proj_hidden_dim": args.proj_dim, **overrides})
+        torch.manual_seed(0)
+        method = build_method(cfg, num_classes).to(device, memory_format=memory_format)
+        optimizer = build_optimizer(cfg.optim, method)
+        scheme = cfg.optim.weighting if cfg.optim.name == "rwsam" else "none"
+        weights = SampleWeights(scheme, class_counts, args.n_train, device, cfg.optim.label_power_base)
+        if scheme == "kde":
+            weights.set_kde(torch.rand(args.n_train, generator=gen) + 0.5, epoch=0)
+        runs[name] = (method, optimizer, weights, [])
+
+    def one_step(name):
+        method, optimizer, weights, times = runs[name]
+        _sync(device)
+        start = time.perf_counter()
+        train_step(method, optimizer, batch, weights.batch_weights(batch) if weights.scheme != "none" else None, autocast=autocast)
+        _sync(device)
+        return time.perf_counter() - start
+
+    for _ in range(args.warmup):
+        for name in runs:
+            one_step(name)
+    for _ in range(args.steps):
+        for name in runs:
+            runs[name][3].append(one_step(name))
+    step_s = {name: statistics.median(run[3]) for name, run in runs.items()}
+
+    # KDE refresh: feature pass (measured on --feature-images, scaled to --n-train) + density at full size
+    encoder = runs["rwsam_kde"][0].encoder
+    n_feat = args.feature_images
+    images = torch.randn(n_feat, 3, args.image_size, args.image_size, generator=gen)
+    eval_batches = [{"image": images[i:i + EVAL_BATCH_SIZE].to(device, memory_format=memory_format),
+                     "label": torch.zeros(min(EVAL_BATCH_SIZE, n_feat - i), dtype=torch.long, device=device),
+                     "index": torch.arange(i, min(i + EVAL_BATCH_SIZE, n_feat), device=device)} for i in range(0, n_feat, EVAL_BATCH_SIZE)]
+    extract_features(encoder, eval_batches[:1], device, amp=amp, channels_last=device.type == "cuda")  # warm-up
+    _sync(device)
+    start = time.perf_counter()
+    feats, _ = extract_features(encoder, eval_batches, device, amp=amp, channels_last=device.type == "cuda")
+    _sync(device)
+    feature_s = (time.perf_counter() - start) * args.n_train / n_feat
+    all_feats = F.normalize(torch.randn(args.n_train, feats.shape[1], generator=gen), dim=1).to(device)
+    _sync(device)
+    start = time.perf_counter()
+    w = kde_weights(all_feats, bandwidth=0.5, alpha=1.0)
+    _sync(device)
+    density_s = time.perf_counter() - start
+    assert w.shape == (args.n_train,)
+    refresh_s = feature_s + density_s
+
+    steps_per_epoch = args.n_train // args.batch_size
+    epoch_s = steps_per_epoch * step_s["rwsam_kde"]
+    amortised_kde_step = step_s["rwsam_kde"] + refresh_s / (steps_per_epoch * args.kde_every)
+    sgd = step_s["sgd"]
+    result = {
+        "benchmark": "step",
+        "command": "benchmarks/step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "load_average_1min": os.getloadavg()[0],
+        "setup": {"method": "simsiam", "backbone": args.backbone, "batch_size": args.batch_size, "image_size": args.image_size,
+                  "views": 2, "proj_dim": args.proj_dim, "amp_bf16": amp, "channels_last": device.type == "cuda",
+                  "timed_steps": args.steps, "warmup_steps": args.warmup, "statistic": "median, variants interleaved"},
+        "step_s": step_s,
+        "step_samples_s": {name: run[3] for name, run in runs.items()},
+        "ratio_to_sgd": {name: s / sgd for name, s in step_s.items()},
+        "kde_refresh": {
+            "n_train": args.n_train, "feature_images_timed": n_feat, "feature_pass_s": feature_s, "density_s": density_s,
+            "refresh_s": refresh_s, "steps_per_epoch": steps_per_epoch, "rwsam_kde_epoch_s": epoch_s,
+            "fraction_of_epoch": refresh_s / epoch_s, "kde_every": args.kde_every,
+            "amortised_rwsam_kde_step_s": amortised_kde_step, "amortised_ratio_to_sgd": amortised_kde_step / sgd,
+        },
+        "goals": {"rwsam_within_2.1x_sgd": max(step_s["rwsam_label_power"], step_s["rwsam_kde"]) / sgd <= 2.1,
+                  "kde_refresh_under_5pct_of_epoch": refresh_s / epoch_s < 0.05},
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("device", "step_s", "ratio_to_sgd", "kde_refresh", "goals")}, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
