@@ -84,19 +84,15 @@ def _rss(pid: int) -> int:
 
 
 def _ray_pids(ray_tmpdir: str) -> list[int]:
-    """Processes whose command line names this sweep's Ray temp dir, plus the Ray workers."""
-    pids = []
-    me = os.getpid()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if ray_tmpdir in cmd:
-            pids.append(int(entry))
-    return pids
+    """Every process the driver started, directly or not: Ray's GCS, raylet, dashboard and its
+    agents, and the trial actors (Ray workers, children of the raylet). Slurm jobs are not among
+    them (slurmd starts those)."""
+    import psutil
+
+    try:
+        return [p.pid for p in psutil.Process().children(recursive=True)]
+    except psutil.Error:
+        return []
 
 
 class MemorySampler(threading.Thread):
@@ -167,6 +163,9 @@ def run_one(folder: Path, n: int, max_concurrent: int, dashboard: bool) -> dict:
     completed = [r for r in rows if r["status"] == "completed"]
     if len(completed) != n:
         raise SystemExit(f"{n - len(completed)} of {n} trials did not complete: see {out}")
+    jobs = [json.loads(p.read_text())["job_ids"] for p in (out / "ledger").glob("t*.json")]
+    if any(len(j) != 1 for j in jobs):
+        raise SystemExit(f"a trial submitted more than one job: see {out}")
     return {
         "trials": n,
         "max_concurrent": max_concurrent,

@@ -37,6 +37,20 @@ STATUSES = ("pending", "submitting", "running") + RESULT_STATUSES
 DETACH_MARKER = ".detached"
 
 
+class LedgerClaimError(RuntimeError):
+    """Another live process already drives this trial's job."""
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 class Ledger:
     """Per-trial JSON records under ``<output_dir>/ledger``."""
 
@@ -87,6 +101,24 @@ class Ledger:
                 record.setdefault("history", []).append([fields["status"], now])
             record.update(fields)
             record["updated"] = now
+            atomic_write_text(self.path(trial_id), json.dumps(record, indent=1, default=str))
+            return record
+
+    def claim(self, trial_id: str, owner: dict) -> dict:
+        """Make ``owner`` (``{"pid", "host"}``) the one process that drives this trial's job.
+
+        Raises :class:`LedgerClaimError` when another live process on this host holds it: two
+        actors must never submit for one trial. A claim of a dead process (a killed driver's
+        actor) is taken over.
+        """
+        with self._locked(trial_id):
+            record = self.read(trial_id)
+            held = record.get("owner") or {}
+            if (held and held != owner and held.get("host") == owner.get("host")
+                    and _alive(int(held.get("pid", 0))) and record.get("status") in ("submitting", "running")):
+                raise LedgerClaimError(f"trial {trial_id} is already driven by pid {held.get('pid')}")
+            record["owner"] = owner
+            record["updated"] = time.time()
             atomic_write_text(self.path(trial_id), json.dumps(record, indent=1, default=str))
             return record
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -167,17 +168,24 @@ class JobTrial(tune.Trainable):
         self.ctx = context
         self.job = None
         self.finished = True
-        self._start(config)
+        self._prepare(config)
 
     def reset_config(self, new_config: dict) -> bool:
         """Tune reuses this actor for the next trial (``reuse_actors``): no process start-up, no
         re-import. The previous trial's job is cancelled first if it still runs (the driver's
         ``on_trial_complete`` has normally done so already)."""
         self.cleanup()
-        self._start(new_config)
+        self._prepare(new_config)
         return True
 
-    def _start(self, config: dict) -> None:
+    def _prepare(self, config: dict) -> None:
+        """Read the trial's record; no side effect. The job is started by the first :meth:`step`.
+
+        With actor reuse Tune may start an actor for a trial and then give the trial a cached
+        actor instead, removing the first one after its ``setup`` ran: a ``setup`` that submitted
+        would leave a second job behind (seen here with Ray 2.60). Only the actor Tune trains
+        submits.
+        """
         from ltssl.config import load_config
 
         self.key = config["trial_key"]
@@ -186,6 +194,7 @@ class JobTrial(tune.Trainable):
         self.run_dir = Path(record["run_dir"])
         self.cfg = load_config(record["config"])
         self.job = None
+        self.launched = False
         self.finished = False
         self.final_seen = False
         self.queue: deque = deque()
@@ -193,6 +202,21 @@ class JobTrial(tune.Trainable):
         self.last_epoch = 0
         self.next_job_check = 0.0
 
+    def _launch(self) -> None:
+        """Claim the trial, then re-attach to its job, take its finished result, or submit."""
+        from ltssl.sweep.ledger import LedgerClaimError
+
+        self.launched = True
+        owner = {"pid": os.getpid(), "host": socket.gethostname()}
+        deadline = time.monotonic() + 30  # a killed driver's actors take a few seconds to exit
+        while True:
+            try:
+                record = self.ledger.claim(self.key, owner=owner)
+                break
+            except LedgerClaimError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
         action, value = reconcile(record)
         if action in ("attach", "finished"):
             self.job = value
@@ -217,6 +241,8 @@ class JobTrial(tune.Trainable):
         return {**_scalars(line), "trial_key": self.key}
 
     def step(self) -> dict:
+        if not self.launched:
+            self._launch()
         started = time.monotonic()
         while True:
             if self.queue:
