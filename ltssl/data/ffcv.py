@@ -418,7 +418,7 @@ def _make_guarded_iterator_class():
                         raise DataError(f"loading {self.where} failed: the FFCV loader thread stopped without a batch")
                     if time.monotonic() > deadline:
                         self.close()
-                        raise DataError(f"loading {self.where}: no batch within {self.timeout_s:.0f} s (FFCV loader stalled)")
+                        raise DataError(f"loading {self.where}: no batch within {self.timeout_s:g} s (FFCV loader stalled)")
             if result is None:
                 self.close()
                 raise StopIteration
