@@ -565,7 +565,8 @@ def _run(spec, trials, output_dir: Path, sweep_id: str, partition, resume: bool,
 
     # ---------------------------------------------------------------- after Tune
     if outcome.interrupted == "detached":
-        console.print(f"driver stopped (SIGTERM): jobs keep running; continue with --resume --output-dir {output_dir}")
+        console.print(f"driver stopped (SIGTERM): jobs are left running; --resume --output-dir {output_dir} re-attaches "
+                      "to those still running, records those that finished and resubmits the rest from their checkpoints")
     else:
         for record in book.ledger.all():
             if record["status"] in ("submitting", "running"):
