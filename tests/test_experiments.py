@@ -99,7 +99,7 @@ def test_random_features_and_rare_class_evaluation_run(semi_data):
     again = semi.random_encoder(cfg)
     assert all(torch.equal(a, b) for a, b in zip(enc.state_dict().values(), again.state_dict().values()))
     scores = semi.evaluate_encoder(enc, data, cfg.eval, seed=0)
-    assert set(scores) == {"rare_linear_acc", "rare_knn_acc", "frequent_linear_acc", "frequent_knn_acc"}
+    assert set(scores) == {f"{g}_{m}" for g in ("rare", "frequent") for m in ("linear_acc", "knn_acc", "fewshot_acc")}
     for v in scores.values():
         assert 0.0 <= v <= 1.0
     # five-way problems: even random conv features are far above chance (0.2) on digits
@@ -187,3 +187,19 @@ def test_experiment_sweeps_plan_valid_trials(path):
     if path.endswith("semisynthetic.yaml"):
         assert {t.config["method"]["name"] for t in trials} >= {"simsiam", "supervised", "supervised_rare"}
         assert all(t.config["data"]["semi_synthetic"] for t in trials)
+
+
+# ----------------------------------------------------------------------------- digits' out-of-domain probe
+
+
+def test_digits_ood_is_the_same_split_inverted_and_rotated():
+    import numpy as np
+
+    from ltssl.data.prepare import check_options, _options
+    from ltssl.data.sources import load_source
+
+    base, ood = load_source("digits"), load_source("digits_ood")
+    assert ood.name == "digits_ood" and ood.checksum != base.checksum
+    assert np.array_equal(ood.train_labels, base.train_labels) and np.array_equal(ood.test_labels, base.test_labels)
+    assert np.array_equal(ood.test_images, 255 - np.rot90(base.test_images, k=1, axes=(1, 2)))
+    check_options(_options(load_config(overrides={"data.ood_dataset": "digits_ood"}).data))   # no source folder needed

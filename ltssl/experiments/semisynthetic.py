@@ -21,8 +21,10 @@ Four arms, all on the same data and encoder architecture:
 Evaluation (the paper's question): the frozen encoder's L2-normalised features; a linear probe
 (:func:`ltssl.eval.linear_probe`, ``cfg.eval`` settings) and a kNN classifier fitted on the
 probe set's **rare-class** images (balanced) and scored on the test set's rare-class images,
-as a classification among the rare classes only (``rare_linear_acc``, ``rare_knn_acc``);
-the same among the frequent classes for reference. SSL beating SL there, with SL close to
+as a classification among the rare classes only (``rare_linear_acc``, ``rare_knn_acc``),
+and a linear probe on 5 labelled images per rare class (``rare_fewshot_acc``, mean of 5 draws: with
+many labelled probe images even random features separate digits); the same among the frequent
+classes for reference. SSL beating SL there, with SL close to
 ``supervised_rare``, is the paper's finding (SL ignores the right half it has no label for).
 
 Grad-CAM (:func:`ltssl.eval.gradcam.gradcam`, target: the squared norm of the encoder's
@@ -64,7 +66,6 @@ def semi_classes(data) -> tuple[list[int], list[int]]:
     return list(semi["frequent_classes"]), list(semi["rare_classes"])
 
 
-@register_method("supervised_rare")
 class SupervisedRare(Supervised):
     """Supervised baseline trained on the rare classes' images only (semi-synthetic arm).
 
@@ -88,6 +89,10 @@ class SupervisedRare(Supervised):
     def sample_weight(self, batch):
         rare = self.rare_mask[batch["label"]].float()
         return rare * rare.shape[0] / rare.sum().clamp_min(1.0)
+
+
+if __name__ != "__main__":  # run as a script, the package import below registers it already
+    register_method("supervised_rare")(SupervisedRare)
 
 
 def arm_of(cfg: Config) -> str:
@@ -173,11 +178,34 @@ def subset_accuracy(bank, bank_labels, test, test_labels, classes, eval_cfg, see
     return out
 
 
-@torch.no_grad()
-def evaluate_encoder(encoder: nn.Module, data, eval_cfg, *, device="cpu", seed: int = 0) -> dict:
-    """``rare_linear_acc``, ``rare_knn_acc``, ``frequent_linear_acc``, ``frequent_knn_acc`` of a frozen encoder.
+def few_shot_accuracy(bank, bank_labels, test, test_labels, classes, eval_cfg, *, shots: int, draws: int,
+                      seed: int = 0) -> float:
+    """Mean linear-probe accuracy among ``classes`` when only ``shots`` probe images per class are labelled.
 
-    Fitted on the probe set's images of those classes, scored on the test set's (module docstring).
+    ``draws`` independent draws of the labelled images (numpy PCG64 seeded with ``(seed, draw)``);
+    the test set is the same every time.
+    """
+    accs = []
+    labels_np = bank_labels.cpu().numpy()
+    for draw in range(draws):
+        rng = np.random.default_rng([seed, draw])
+        keep = np.concatenate([rng.choice(np.flatnonzero(labels_np == c), size=min(shots, int((labels_np == c).sum())),
+                                          replace=False) for c in classes])
+        keep_t = torch.as_tensor(np.sort(keep), device=bank.device)
+        accs.append(subset_accuracy(bank[keep_t], bank_labels[keep_t], test, test_labels, classes, eval_cfg,
+                                    seed=seed + draw)["linear_acc"])
+    return float(np.mean(accs))
+
+
+@torch.no_grad()
+def evaluate_encoder(encoder: nn.Module, data, eval_cfg, *, device="cpu", seed: int = 0, shots: int = 5,
+                     draws: int = 5) -> dict:
+    """Accuracies of a frozen encoder among the rare (and the frequent) classes only.
+
+    ``rare_linear_acc``, ``rare_knn_acc``: probe / kNN fitted on every probe-set image of the rare
+    classes; ``rare_fewshot_acc``: linear probe on ``shots`` labelled images per rare class (mean
+    of ``draws`` draws), where the representation, not the probe's data, has to carry the class;
+    the same three for the frequent classes. Scored on the test set's images of those classes.
     """
     frequent, rare = semi_classes(data)
     encoder = encoder.to(device)
@@ -188,6 +216,8 @@ def evaluate_encoder(encoder: nn.Module, data, eval_cfg, *, device="cpu", seed: 
         acc = subset_accuracy(bank, bank_labels, test, test_labels, classes, eval_cfg, seed=seed)
         out[f"{name}_linear_acc"] = acc["linear_acc"]
         out[f"{name}_knn_acc"] = acc["knn_acc"]
+        out[f"{name}_fewshot_acc"] = few_shot_accuracy(bank, bank_labels, test, test_labels, classes, eval_cfg,
+                                                       shots=shots, draws=draws, seed=seed)
     return out
 
 
@@ -390,8 +420,10 @@ def analyze(output_dir: str | Path, report_dir: str | Path | None = None, *, dev
         table.append({
             "arm": arm, "method": ", ".join(sorted(set(part["method"]))), "seeds": len(part),
             "rare_linear_acc": _fmt_pm(part["rare_linear_acc"].tolist()), "rare_knn_acc": _fmt_pm(part["rare_knn_acc"].tolist()),
+            "rare_fewshot_acc": _fmt_pm(part["rare_fewshot_acc"].tolist()),
             "frequent_linear_acc": _fmt_pm(part["frequent_linear_acc"].tolist()),
             "frequent_knn_acc": _fmt_pm(part["frequent_knn_acc"].tolist()),
+            "frequent_fewshot_acc": _fmt_pm(part["frequent_fewshot_acc"].tolist()),
             "gradcam_right_share": f"{share[arm]:.2f}" if arm in share else "-",
         })
     tdf = pd.DataFrame(table)
@@ -404,7 +436,8 @@ def analyze(output_dir: str | Path, report_dir: str | Path | None = None, *, dev
     frequent, rare = semi_classes(data_by_seed[seed0])
     md = (
         f"Rare classes {rare}, frequent classes {frequent}. Accuracies (fractions) of a linear probe / kNN fitted on the "
-        "probe set and scored on the test set, among the rare (or frequent) classes only; mean ± std over seeds. "
+        "probe set and scored on the test set, among the rare (or frequent) classes only; fewshot: a linear probe on "
+        "5 labelled probe images per class (mean of 5 draws); mean ± std over seeds. "
         "gradcam_right_share: mean share of the Grad-CAM mass on the carried rare-class half of "
         f"up to {gradcam_stat_images} frequent-class training images (seed {seed0}).\n\n" + header + body
     )
