@@ -23,6 +23,9 @@ pass feeds the method's ``on_train_features`` hook (TASE) when it asks for it.
 
 Outputs (rank 0): ``run_dir/config.yaml``, ``metrics.jsonl`` (one JSON object per line,
 flushed), ``checkpoints/last.pt`` (atomic; ``torch.load(weights_only=True)``), ``result.json``.
+Step lines carry ``weight_mean``/``weight_max``: the rwSAM ascent weights of the samples drawn
+since the previous step line (1 without re-weighting); refresh lines carry the dataset-level
+``dataset_weight_mean``/``dataset_weight_max`` (mean 1 by construction).
 A job started on a run folder with a checkpoint resumes from it, mid-epoch too.
 
 Signals: SIGUSR2 and SIGTERM stay blocked in the calling thread from the start of
@@ -444,8 +447,9 @@ class Trainer:
             self.weights.set_kde(kde_weights(feats, cfg.optim.kde_bandwidth, cfg.optim.kde_alpha), self.epoch)
         if method_due:
             self.method.on_train_features(feats, labels, self.epoch)
+        stats = self.weights.stats()
         self.log.write(epoch=self.epoch + 1, step=self.global_step, kde_refresh=kde_due, train_features_s=feature_time,
-                       refresh_s=time.time() - start, **self.weights.stats())
+                       refresh_s=time.time() - start, dataset_weight_mean=stats["weight_mean"], dataset_weight_max=stats["weight_max"])
 
     def knn_eval(self) -> tuple[float, torch.Tensor, torch.Tensor]:
         self.sync_buffers()
@@ -501,6 +505,8 @@ class Trainer:
         sam = isinstance(self.optimizer, SAM)
         pending: list[tuple[int, int, torch.Tensor]] = []
         window_start, window_images = time.time(), 0
+        # ascent weights of the samples drawn in the log window: sum, count, max (1 without re-weighting)
+        wstats = torch.tensor([0.0, 0.0, 0.0], device=self.device)
         while self.epoch < cfg.train.epochs:
             self.refresh_train_features()
             self.boundary()
@@ -512,6 +518,14 @@ class Trainer:
                     batch["views"] = [v.contiguous(memory_format=torch.channels_last) for v in batch["views"]]
                 weights = self.weights.batch_weights(batch) if sam else None
                 loss = train_step(self.model, self.optimizer, batch, weights, autocast=self.autocast)
+                if weights is None:
+                    wstats += torch.tensor([float(batch["index"].shape[0]), float(batch["index"].shape[0]), 0.0], device=self.device)
+                    wstats[2] = torch.clamp(wstats[2], min=1.0)
+                else:
+                    w = weights.detach().float()
+                    wstats[0] += w.sum()
+                    wstats[1] += w.numel()
+                    wstats[2] = torch.maximum(wstats[2], w.max())
                 pending.append((self.epoch, self.step_in_epoch, loss))
                 self.step_in_epoch += 1
                 self.global_step += 1
@@ -521,13 +535,18 @@ class Trainer:
                     if self.world > 1:  # the global batch's loss; a NaN on any rank stops every rank here
                         dist.all_reduce(losses)
                         losses /= self.world
+                        dist.all_reduce(wstats[:2])
+                        dist.all_reduce(wstats[2:], op=dist.ReduceOp.MAX)
                     self.check_losses(pending, losses)
+                    weight_mean, weight_max = float(wstats[0] / wstats[1]), float(wstats[2])
+                    wstats.zero_()
                     self.last_loss = float(losses[-1])
                     self.epoch_loss_sum += float(losses.sum())
                     self.epoch_loss_count += len(losses)
                     now = time.time()
                     self.log.write(epoch=self.epoch + 1, step=self.global_step, loss=float(losses.mean()), lr=lr,
-                                   images_per_s=window_images / max(now - window_start, 1e-9), **self.weights.stats())
+                                   images_per_s=window_images / max(now - window_start, 1e-9), weight_mean=weight_mean,
+                                   weight_max=weight_max)
                     window_start, window_images = now, 0
                 self.boundary()
                 if self.step_hook is not None:

@@ -63,7 +63,9 @@ def test_simsiam_rwsam_kde_on_digits_writes_metrics_checkpoint_and_result(cache_
     assert steps and all({"loss", "lr", "images_per_s", "weight_mean", "weight_max"} <= set(s) for s in steps)
     assert [s["step"] for s in steps] == sorted(s["step"] for s in steps)
     refresh = [line for line in lines if line.get("kde_refresh")]
-    assert len(refresh) == 2 and refresh[-1]["weight_max"] > 1.0  # KDE weights recomputed every epoch, not uniform
+    assert len(refresh) == 2 and refresh[-1]["dataset_weight_max"] > 1.0  # KDE weights recomputed every epoch, not uniform
+    assert refresh[-1]["dataset_weight_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert all(s["weight_max"] >= s["weight_mean"] > 0 for s in steps) and steps[-1]["weight_max"] > 1.0
     assert any("knn_acc" in line and not line.get("final") for line in lines)
     assert lines[-1]["final"] is True and RESULT_KEYS <= set(lines[-1])
 
@@ -82,8 +84,11 @@ def test_other_methods_train_on_digits(cache_dir, tmp_path, method, optim):
     result = train(cfg, tmp_path / "run")
     assert RESULT_KEYS <= set(result) and result["epochs_run"] == 1
     assert result["final_loss"] == result["final_loss"]  # finite, not NaN
-    if optim == "rwsam":
-        assert _lines(tmp_path / "run")[0]["weight_max"] > 1.0  # label_power weights in the step lines
+    steps = [line for line in _lines(tmp_path / "run") if "loss" in line]
+    if optim == "rwsam":  # label_power weights of the drawn samples: 1.2 ** rank, mean 1 over the dataset
+        assert steps[0]["weight_max"] > 1.0 and steps[0]["weight_max"] != steps[0]["weight_mean"]
+    else:
+        assert all(s["weight_mean"] == s["weight_max"] == 1.0 for s in steps)
 
 
 class _Abort(Exception):
