@@ -7,8 +7,8 @@ measured is the driver: Ray Tune, the trial actor, submission, tailing, completi
 
 Per trial, from the sweep ledger's status times and the job's own record (run_dir/job.json):
 
-- ``driver_submit_s``: trial handed out by the searcher -> job submitted (actor start or reuse,
-  ledger, sbatch);
+- ``driver_submit_s``: Tune starts the trial (a slot of ``max_concurrent`` and an actor are
+  its) -> job submitted (actor set-up, ledger, sbatch);
 - ``slurm_queue_s``: job submitted -> its Python process started (Slurm's scheduling, the node's
   process start-up and submitit's import: not the driver's);
 - ``job_run_s``: job started -> job function returned (the toy trainer: nothing);
@@ -16,6 +16,9 @@ Per trial, from the sweep ledger's status times and the job's own record (run_di
   results.parquet rewritten);
 - ``driver_s`` = ``driver_submit_s + driver_complete_s``: the driver's time per trial beyond
   Slurm's own scheduling. Goal: under 2 s.
+
+Wall times depend on what else runs on the machine (the 1-minute load average is recorded); the
+CPU seconds the driver and its Ray processes use per trial do not, much.
 
 Memory: the driver process's RSS (the Python process running Tune) and the total PSS of the
 driver plus every Ray process it started (GCS, raylet, dashboard, trial actors), sampled every
@@ -104,8 +107,14 @@ class MemorySampler(threading.Thread):
         self.driver_rss_max = 0
         self.total_pss_max = 0
         self.processes_max = 0
+        self.cpu_seen: dict[int, float] = {}   # pid -> last user+system CPU seconds seen
+        self.load: list[float] = []
 
     def run(self) -> None:
+        import psutil
+
+        start_cpu = psutil.Process().cpu_times()
+        self.cpu_driver_start = start_cpu.user + start_cpu.system
         while not self.stop_event.is_set():
             driver = _rss(os.getpid())
             pids = _ray_pids(self.ray_tmpdir)
@@ -113,24 +122,47 @@ class MemorySampler(threading.Thread):
             self.driver_rss_max = max(self.driver_rss_max, driver)
             self.total_pss_max = max(self.total_pss_max, total)
             self.processes_max = max(self.processes_max, len(pids) + 1)
+            for pid in pids:
+                try:
+                    t = psutil.Process(pid).cpu_times()
+                    self.cpu_seen[pid] = t.user + t.system
+                except psutil.Error:
+                    pass
+            self.load.append(os.getloadavg()[0])
             self.stop_event.wait(self.period)
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds used by the driver and every process it started (as last sampled)."""
+        import psutil
+
+        t = psutil.Process().cpu_times()
+        return (t.user + t.system - self.cpu_driver_start) + sum(self.cpu_seen.values())
 
 
 def trial_times(output_dir: Path) -> list[dict]:
     rows = []
     for path in sorted((output_dir / "ledger").glob("t*.json")):
         record = json.loads(path.read_text())
-        history = {status: t for status, t in record.get("history", [])}
-        job = json.loads((Path(record["run_dir"]) / "job.json").read_text())
+        history: dict[str, float] = {}
+        for event, t in record.get("history", []):
+            history.setdefault(event, t)  # the first time of each event
+        run_dir = Path(record["run_dir"])
+        job = json.loads((run_dir / "job.json").read_text())
         started = job["attempts"][-1]["started"]
+        if "finished" not in job:
+            # submit() rewrites job.json after sbatch returns; a job that is already over by then
+            # loses its "finished" stamp: take the time of its last metrics line instead
+            lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+            job["finished"] = json.loads(lines[-1])["time"]
         rows.append({
             "trial": record["trial_id"],
             "status": record["status"],
-            "driver_submit_s": job["submitted"] - history["pending"],
+            "driver_submit_s": job["submitted"] - history["started"],
+            "waiting_for_a_slot_s": history["started"] - history["pending"],
             "slurm_queue_s": started - job["submitted"],
             "job_run_s": job["finished"] - started,
             "driver_complete_s": history[record["status"]] - job["finished"],
-            "trial_total_s": history[record["status"]] - history["pending"],
+            "trial_total_s": history[record["status"]] - history["started"],
         })
     for row in rows:
         row["driver_s"] = row["driver_submit_s"] + row["driver_complete_s"]
@@ -172,8 +204,13 @@ def run_one(folder: Path, n: int, max_concurrent: int, dashboard: bool) -> dict:
         "dashboard": dashboard,
         "sweep_wall_s": round(wall, 2),
         "sweep_wall_per_trial_s": round(wall / n, 3),
+        # load-independent: CPU time of the driver, Ray and the trial actors (start-up included)
+        "driver_and_ray_cpu_s": round(sampler.cpu_seconds(), 2),
+        "driver_and_ray_cpu_s_per_trial": round(sampler.cpu_seconds() / n, 3),
+        "load_average_1min_mean": round(statistics.fmean(sampler.load), 2) if sampler.load else None,
         "per_trial_s": {k: summarise([r[k] for r in completed]) for k in
-                        ("driver_s", "driver_submit_s", "driver_complete_s", "slurm_queue_s", "job_run_s", "trial_total_s")},
+                        ("driver_s", "driver_submit_s", "driver_complete_s", "slurm_queue_s", "job_run_s", "trial_total_s",
+                         "waiting_for_a_slot_s")},
         "memory": {
             "driver_rss_max_mb": round(sampler.driver_rss_max / 2**20, 1),
             "driver_and_ray_pss_max_mb": round(sampler.total_pss_max / 2**20, 1),

@@ -43,7 +43,7 @@ RESULTS_SCHEMA = pa.schema(
     [
         _field("sweep_id", pa.string(), "the sweep's id: its output folder's name"),
         _field("trial_id", pa.string(), "trial id within the sweep (t0000, t0001, ...); its run_dir is trials/<trial_id>"),
-        _field("status", pa.string(), "completed | stopped_early (by the scheduler) | failed | cancelled (sweep interrupted)"),
+        _field("status", pa.string(), "completed, stopped_early (by the scheduler), failed, or cancelled (the sweep was interrupted)"),
         _field("error", pa.string(), "failed/cancelled: the error, with the job's remote traceback; else null"),
         _field("group", pa.string(), "the scheduler's comparison group, e.g. digits/r=10/lt/simsiam"),
         _field("dataset", pa.string(), "data.dataset"),

@@ -136,3 +136,18 @@ def test_finished_statuses_are_not_resumed(tmp_path, status):
     Ledger(tmp_path).update(first, status=status)
     resumed = SweepSearcher(spec, tmp_path, None, metric="knn_acc", mode="max")
     assert resumed.suggest("b")["trial_key"] != first
+
+
+def test_a_second_driver_on_the_same_sweep_is_refused(tmp_path):
+    """--resume while the first driver still runs would hand out the same trials twice."""
+    from ltssl.sweep import SweepError, run_sweep
+    from ltssl.sweep.driver import _driver_lock
+
+    spec = sweep(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sweep.yaml").write_text(spec.to_yaml())
+    (out / "sweep.json").write_text(json.dumps({"sweep_id": "out", "name": spec.name, "partition": None}))
+    with _driver_lock(out):
+        with pytest.raises(SweepError, match="another driver .* is running the sweep in"):
+            run_sweep(resume=True, output_dir=out)

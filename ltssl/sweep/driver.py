@@ -23,6 +23,8 @@ the jobs running and ``--resume`` re-attaches to them.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -38,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ltssl.config import atomic_write_text
 from ltssl.sweep.ledger import DETACH_MARKER, RESULT_STATUSES, Ledger
 from ltssl.sweep.spec import SweepError, SweepSpec, load_sweep
@@ -45,6 +49,8 @@ from ltssl.sweep.spec import SweepError, SweepSpec, load_sweep
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SWEEP = REPO_ROOT / "sweeps" / "digits_lt" / "default.yaml"
 DEFAULT_TARGET = "ltssl.train:train"
+#: Ray resource that bounds the trials running at once (one per trial, max_concurrent in all).
+TRIAL_SLOT = "sweep_trial_slot"
 
 
 @dataclass
@@ -258,8 +264,10 @@ def _tune_callback(book: Bookkeeper, scheduler):
             return (_inert_callback, ())
 
         def on_trial_start(self, iteration, trials, trial, **info):
+            key = trial.config["trial_key"]
+            book.ledger.mark(key, "started")  # Tune gave it a slot and an actor
             if book.board is not None:
-                book.board.set_status(trial.config["trial_key"], "running")
+                book.board.set_status(key, "running")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             key = trial.config["trial_key"]
@@ -370,7 +378,7 @@ def run_sweep(
         if not (output_dir / "sweep.json").is_file():
             raise SweepError(f"--resume: {output_dir} holds no sweep (no sweep.json)")
         meta = json.loads((output_dir / "sweep.json").read_text())
-        spec = load_sweep(__import__("yaml").safe_load((output_dir / "sweep.yaml").read_text()), name=meta["name"])
+        spec = load_sweep(yaml.safe_load((output_dir / "sweep.yaml").read_text()), name=meta["name"])
         if partition is not None and partition != meta.get("partition"):
             raise SweepError(
                 f"--partition {partition}: this sweep was started with {meta.get('partition') or 'local jobs'}; resume without --partition"
@@ -387,61 +395,95 @@ def run_sweep(
             raise SweepError(f"--output-dir {output_dir} already holds a sweep: add --resume to continue it")
         sweep_id = output_dir.resolve().name
         target = target or DEFAULT_TARGET
-    if max_concurrent is not None:
-        if max_concurrent < 1:
-            raise SweepError(f"--max-concurrent must be >= 1, got {max_concurrent}")
-        spec.max_concurrent = max_concurrent
-    trials = spec.validate_trials(partition)
-    if dashboard is None:
-        dashboard = partition is not None
 
-    # The quick checks (dataset folders, partition, resources) here, at once; the trainer's name
-    # checks and the dataset preparation in a child process, overlapping with Ray's start-up.
-    configs = [t.config for t in trials]
-    _quick_preflight(configs)
-    console.print(f"sweep {spec.name}: {len(trials)} trials checked; preparing datasets and starting Ray ...")
-    # The trainer's name checks only apply to the trainer (tests and benchmarks run stand-ins).
-    checker = ThreadPoolExecutor(max_workers=1).submit(_check_jobs, configs, prepare, target == DEFAULT_TARGET)
+    with contextlib.ExitStack() as stack:
+        if resume:
+            stack.enter_context(_driver_lock(output_dir))  # before anything starts
+        if max_concurrent is not None:
+            if max_concurrent < 1:
+                raise SweepError(f"--max-concurrent must be >= 1, got {max_concurrent}")
+            spec.max_concurrent = max_concurrent
+        trials = spec.validate_trials(partition)
+        if dashboard is None:
+            dashboard = partition is not None
 
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"   # step lines carry no knn_acc
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"    # our parquet files are the record
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ["RAY_TMPDIR"] = _ray_tmpdir()
-    Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
-    import ray
+        # The quick checks (dataset folders, partition, resources) here, at once; the trainer's name
+        # checks and the dataset preparation in a child process, overlapping with Ray's start-up.
+        configs = [t.config for t in trials]
+        _quick_preflight(configs)
+        console.print(f"sweep {spec.name}: {len(trials)} trials checked; preparing datasets and starting Ray ...")
+        # The trainer's name checks only apply to the trainer (tests and benchmarks run stand-ins).
+        checker = ThreadPoolExecutor(max_workers=1).submit(_check_jobs, configs, prepare, target == DEFAULT_TARGET)
 
-    # Token authentication stays on: Ray turns it on for a new local cluster (when RAY_AUTH_MODE is
-    # unset; setting the variable after Ray's import would not reach its C++ config) and warns
-    # that it did: the console says it instead.
-    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    port = _free_port(dashboard_port) if dashboard else None
-    started_ray = False
-    try:
-        ray.init(
-            address="local",
-            num_cpus=max(2, os.cpu_count() or 2),
-            include_dashboard=bool(dashboard),
-            dashboard_host="127.0.0.1",
-            dashboard_port=port,
-            logging_level=logging.WARNING,
-            log_to_driver=False,
-            _temp_dir=os.environ["RAY_TMPDIR"],
-            object_store_memory=100 * 2**20,
-        )
-        started_ray = True
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"   # step lines carry no knn_acc
+        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"    # our parquet files are the record
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        os.environ["RAY_TMPDIR"] = _ray_tmpdir()
+        Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
+        import ray
+
+        # Token authentication stays on: Ray turns it on for a new local cluster (when RAY_AUTH_MODE is
+        # unset; setting the variable after Ray's import would not reach its C++ config) and warns
+        # that it did: the console says it instead.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        port = _free_port(dashboard_port) if dashboard else None
+        started_ray = False
         try:
-            checker.result()
-        except SweepError:
-            raise
-        output_dir.mkdir(parents=True, exist_ok=True)
-        return _run(spec, trials, output_dir.resolve(), sweep_id, partition, resume, port, target, target_kwargs,
-                    analyze, console, live)
+            ray.init(
+                address="local",
+                num_cpus=max(2, os.cpu_count() or 2),
+                include_dashboard=bool(dashboard),
+                dashboard_host="127.0.0.1",
+                dashboard_port=port,
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+                _temp_dir=os.environ["RAY_TMPDIR"],
+                object_store_memory=100 * 2**20,
+                # max_concurrent is a resource (each trial holds one slot), not Tune's concurrency
+                # limit: with the limit Tune creates the next trial only once one has ended, so
+                # the ended trial's actor is never cached and every trial starts a new process.
+                resources={TRIAL_SLOT: spec.max_concurrent},
+            )
+            started_ray = True
+            try:
+                checker.result()
+            except SweepError:
+                raise
+            output_dir.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                stack.enter_context(_driver_lock(output_dir))
+            return _run(spec, trials, output_dir.resolve(), sweep_id, partition, resume, port, target, target_kwargs,
+                        analyze, console, live)
+        finally:
+            if started_ray:
+                ray.shutdown()
+            else:
+                checker.cancel()
+
+
+@contextlib.contextmanager
+def _driver_lock(output_dir: Path):
+    """One driver per sweep folder: a second one (a --resume while the first still runs) would
+    hand out the same pending trials again."""
+    path = output_dir / ".driver.lock"
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "?"
+        fh.close()
+        raise SweepError(f"another driver (pid {holder}) is running the sweep in {output_dir}") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    try:
+        yield
     finally:
-        if started_ray:
-            ray.shutdown()
-        else:
-            checker.cancel()
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
 
 
 def _run(spec, trials, output_dir: Path, sweep_id: str, partition, resume: bool, port, target,
@@ -510,7 +552,8 @@ def _run(spec, trials, output_dir: Path, sweep_id: str, partition, resume: bool,
     else:
         ctx = TrialContext(output_dir=str(output_dir), sweep_id=sweep_id, target=target,
                            target_kwargs=dict(target_kwargs or {}), poll_interval_s=spec.poll_interval_s)
-        trainable = tune.with_resources(tune.with_parameters(JobTrial, context=ctx), {"cpu": 0.01})
+        # Near-zero CPU: a trial only waits on its job. One slot of max_concurrent.
+        trainable = tune.with_resources(tune.with_parameters(JobTrial, context=ctx), {"cpu": 0.01, TRIAL_SLOT: 1})
         run_name = f"run-{time.strftime('%Y%m%d-%H%M%S')}"
         tuner = tune.Tuner(
             trainable,
@@ -518,7 +561,6 @@ def _run(spec, trials, output_dir: Path, sweep_id: str, partition, resume: bool,
                 search_alg=searcher,
                 scheduler=scheduler,
                 num_samples=remaining,
-                max_concurrent_trials=spec.max_concurrent,
                 # One actor serves trial after trial: no process start (about 1.2 s) and no
                 # re-import per trial. Stopped trials' jobs are cancelled by the driver's
                 # on_trial_complete (and by reset_config/cleanup in the actor as a backstop).

@@ -104,6 +104,13 @@ class Ledger:
             atomic_write_text(self.path(trial_id), json.dumps(record, indent=1, default=str))
             return record
 
+    def mark(self, trial_id: str, event: str) -> None:
+        """Add a timestamped event that is not a status (e.g. "started": Tune gave it an actor)."""
+        with self._locked(trial_id):
+            record = self.read(trial_id)
+            record.setdefault("history", []).append([event, time.time()])
+            atomic_write_text(self.path(trial_id), json.dumps(record, indent=1, default=str))
+
     def claim(self, trial_id: str, owner: dict) -> dict:
         """Make ``owner`` (``{"pid", "host"}``) the one process that drives this trial's job.
 
