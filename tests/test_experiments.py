@@ -140,10 +140,10 @@ def test_gradcam_grid_and_analysis_of_a_semisynthetic_sweep_folder(semi_data, tm
     arms = [r["arm"] for r in result["rows"]]
     assert arms == ["ssl", "supervised", "random"]
     md = (out / "report" / "semisynthetic.md").read_text()
-    assert "| ssl |" in md and "| supervised |" in md and "| random |" in md and "gradcam_semisynthetic.png" in md
+    assert "| ssl | simsiam |" in md and "| supervised |" in md and "| random |" in md and "gradcam_semisynthetic.png" in md
     png = out / "report" / "gradcam_semisynthetic.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert set(result["gradcam_right_share"]) == {"ssl", "supervised", "random"}
+    assert set(result["gradcam_right_share"]) == {"simsiam", "supervised", "random"}
     assert all(0 <= v <= 1 for v in result["gradcam_right_share"].values())
     table = pd.read_csv(out / "report" / "semisynthetic.csv")
     assert list(table["arm"]) == ["ssl", "supervised", "random"]

@@ -95,6 +95,11 @@ if __name__ != "__main__":  # run as a script, the package import below register
     register_method("supervised_rare")(SupervisedRare)
 
 
+def _name(arm: str, method: str) -> str:
+    """Row / column name: the SSL method's own name for the SSL arm, else the arm."""
+    return method if arm == "ssl" else arm
+
+
 def arm_of(cfg: Config) -> str:
     """The experiment arm a trained run belongs to, from its config."""
     if cfg.method.name == "supervised":
@@ -393,7 +398,8 @@ def analyze(output_dir: str | Path, report_dir: str | Path | None = None, *, dev
         scores = evaluate_encoder(encoder, data, cfg.eval, device=device, seed=cfg.train.seed)
         rows.append({"arm": arm, "method": cfg.method.name, "seed": cfg.train.seed, "trial_id": rec["trial_id"],
                      "linear_acc_all": rec.get("linear_acc"), **scores})
-        encoders_by_seed.setdefault(cfg.train.seed, {})[arm] = encoder
+        # one column per SSL method (several may be swept), one per other arm
+        encoders_by_seed.setdefault(cfg.train.seed, {})[_name(arm, cfg.method.name)] = encoder
         data_by_seed[cfg.train.seed] = data
         cfg_by_seed.setdefault(cfg.train.seed, cfg)
     for seed, cfg in sorted(cfg_by_seed.items()):
@@ -409,25 +415,25 @@ def analyze(output_dir: str | Path, report_dir: str | Path | None = None, *, dev
         return out
     df = pd.DataFrame(rows)
     seed0 = min(encoders_by_seed)
-    shown = {k: encoders_by_seed[seed0][k] for k in ("ssl", "supervised", "supervised_rare", "random") if k in encoders_by_seed[seed0]}
+    df["name"] = [_name(a, m) for a, m in zip(df["arm"], df["method"])]
+    names = sorted(dict.fromkeys(df["name"]), key=lambda n: ARMS.index(df[df["name"] == n]["arm"].iloc[0]))
+    shown = {n: encoders_by_seed[seed0][n] for n in names if n in encoders_by_seed[seed0]}
     share = gradcam_stats(shown, data_by_seed[seed0], device, limit=gradcam_stat_images)
     out["gradcam_right_share"] = share
     table = []
-    for arm in ARMS:
-        part = df[df["arm"] == arm]
-        if part.empty:
-            continue
+    for name in names:
+        part = df[df["name"] == name]
         table.append({
-            "arm": arm, "method": ", ".join(sorted(set(part["method"]))), "seeds": len(part),
+            "arm": part["arm"].iloc[0], "method": part["method"].iloc[0], "seeds": len(part),
             "rare_linear_acc": _fmt_pm(part["rare_linear_acc"].tolist()), "rare_knn_acc": _fmt_pm(part["rare_knn_acc"].tolist()),
             "rare_fewshot_acc": _fmt_pm(part["rare_fewshot_acc"].tolist()),
             "frequent_linear_acc": _fmt_pm(part["frequent_linear_acc"].tolist()),
             "frequent_knn_acc": _fmt_pm(part["frequent_knn_acc"].tolist()),
             "frequent_fewshot_acc": _fmt_pm(part["frequent_fewshot_acc"].tolist()),
-            "gradcam_right_share": f"{share[arm]:.2f}" if arm in share else "-",
+            "gradcam_right_share": f"{share[name]:.2f}" if name in share else "-",
         })
     tdf = pd.DataFrame(table)
-    df.to_csv(report / "semisynthetic_runs.csv", index=False)
+    df.drop(columns=["name"]).to_csv(report / "semisynthetic_runs.csv", index=False)
     tmp = report / ".semisynthetic.csv.tmp"
     tdf.to_csv(tmp, index=False)
     tmp.replace(report / "semisynthetic.csv")
@@ -441,8 +447,9 @@ def analyze(output_dir: str | Path, report_dir: str | Path | None = None, *, dev
         "gradcam_right_share: mean share of the Grad-CAM mass on the carried rare-class half of "
         f"up to {gradcam_stat_images} frequent-class training images (seed {seed0}).\n\n" + header + body
     )
-    if "ssl" in shown and "supervised" in shown:
-        png = gradcam_grid({k: shown[k] for k in ("ssl", "supervised")}, data_by_seed[seed0],
+    ssl_names = [n for n in names if df[df["name"] == n]["arm"].iloc[0] == "ssl"]
+    if ssl_names and "supervised" in shown:
+        png = gradcam_grid({k: shown[k] for k in ssl_names + ["supervised"]}, data_by_seed[seed0],
                            report / "gradcam_semisynthetic.png", n_images=gradcam_images, device=device)
         out["png"] = png
         md += f"\n![Grad-CAM of the SSL and supervised encoders]({png.name})\n"
