@@ -230,11 +230,13 @@ netns_down() {
   rm -rf "$rec"
 }
 
-# netns_leftovers -> namespaces and links this file's naming scheme made that still exist
-# (for checks that teardown left the machine as it found it)
+# netns_leftovers [STATE] -> namespaces and links of the cluster in STATE (every ltssl cluster
+# without STATE) that still exist: a check that teardown left the machine as it found it
 netns_leftovers() {
-  ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^ltssl-[0-9a-f]{5}-' || true
-  ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 | grep -E '^(ltb|lt|lp)[0-9a-f]{5}' || true
+  local tag='[0-9a-f]{5}'
+  [[ -n "${1:-}" ]] && tag=$(netns_tag "$1")
+  ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^ltssl-$tag-" || true
+  ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 | grep -E "^(ltb|lt|lp)$tag" || true
 }
 
 _netns_usage() {
@@ -246,7 +248,7 @@ usage: slurm/lib/netns.sh COMMAND [ARGS]   (cluster: $LTSSL_CLUSTER_DIR, default
   pids NODE              the pids running on a node
   crash NODE             kill every process of a node (SIGKILL): a node crash
   start NODE             start the node's slurmd again as it was first started (after a crash)
-  leftovers              namespaces and links of any ltssl cluster still present
+  leftovers [--all]      namespaces and links of this cluster (of every ltssl cluster) still present
 EOF
 }
 
@@ -266,7 +268,7 @@ _netns_main() {
       args=$(cat "$state/netns/$1.slurmd.args")
       eval "netns_start_slurmd \"\$state\" \"\$1\" $args"
       ;;
-    leftovers) netns_leftovers ;;
+    leftovers) if [[ "${1:-}" == --all ]]; then netns_leftovers; else netns_leftovers "$state"; fi ;;
     help | -h | --help) _netns_usage ;;
     *) _netns_usage >&2; return 2 ;;
   esac
