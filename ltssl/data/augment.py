@@ -142,7 +142,7 @@ def resized_crop(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor,
     R_x's rows): one matmul pair per batch, and the same filter as torchvision's antialiased resize.
     """
     _, _, height, width = images.shape
-    boxes = boxes.to(torch.float64)
+    boxes = boxes.to(torch.float32)
     top, left, ch, cw = boxes.unbind(1)
     ry = _resize_weights(top, ch, height, size)
     rx = _resize_weights(left, cw, width, size)
