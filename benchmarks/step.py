@@ -9,7 +9,8 @@ threads); on a machine shared with other jobs the CPU time is the steadier measu
 work, and the goals are evaluated on both (``goals`` and ``goals_cpu_time``).
 
 The KDE refresh is timed as the trainer does it: a no-grad, eval-mode feature pass
-(:func:`ltssl.eval.extract_features`) over images at the evaluation batch size, scaled to
+(:func:`ltssl.eval.extract_features`) over images at the trainer's feature-pass batch size
+(``ltssl.train.EVAL_BATCH_SIZE``: 64 on the CPU, 512 on a GPU), scaled to
 the training-set size ``--n-train`` (default 12,406: CIFAR-10-LT, ratio 100), plus the
 chunked density of ``--n-train`` features (:func:`ltssl.optim.weights.kde_weights`),
 measured at full size. Its share of an epoch is ``refresh / (steps_per_epoch * rwSAM-kde
@@ -70,8 +71,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--n-train", type=int, default=12406, help="training-set size for the KDE refresh (CIFAR-10-LT r=100)")
     ap.add_argument("--feature-images", type=int, default=512, help="images actually run through the feature pass")
     ap.add_argument("--kde-every", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "step.json"))
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_at_start = os.getloadavg()[0]
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -134,9 +139,10 @@ def main(argv=None) -> dict:
     encoder = runs["rwsam_kde"][0].encoder
     n_feat = args.feature_images
     images = torch.randn(n_feat, 3, args.image_size, args.image_size, generator=gen)
-    eval_batches = [{"image": images[i:i + EVAL_BATCH_SIZE].to(device, memory_format=memory_format),
-                     "label": torch.zeros(min(EVAL_BATCH_SIZE, n_feat - i), dtype=torch.long, device=device),
-                     "index": torch.arange(i, min(i + EVAL_BATCH_SIZE, n_feat), device=device)} for i in range(0, n_feat, EVAL_BATCH_SIZE)]
+    eval_bs = EVAL_BATCH_SIZE[device.type]
+    eval_batches = [{"image": images[i:i + eval_bs].to(device, memory_format=memory_format),
+                     "label": torch.zeros(min(eval_bs, n_feat - i), dtype=torch.long, device=device),
+                     "index": torch.arange(i, min(i + eval_bs, n_feat), device=device)} for i in range(0, n_feat, eval_bs)]
     extract_features(encoder, eval_batches[:1], device, amp=amp, channels_last=device.type == "cuda")  # warm-up
     (feats, _), feature_wall, feature_cpu = timed(
         lambda: extract_features(encoder, eval_batches, device, amp=amp, channels_last=device.type == "cuda"))
@@ -154,6 +160,8 @@ def main(argv=None) -> dict:
                 "refresh_s": refresh_s, "steps_per_epoch": steps_per_epoch, "rwsam_kde_epoch_s": epoch_s,
                 "fraction_of_epoch": refresh_s / epoch_s, "kde_every": args.kde_every,
                 "amortised_fraction_of_epoch": refresh_s / args.kde_every / epoch_s,
+                "fraction_of_epoch_by_kde_every": {k: refresh_s / k / epoch_s for k in (1, 2, 3, 5)},
+                "feature_batch_size": eval_bs,
                 "amortised_rwsam_kde_step_s": amortised, "amortised_ratio_to_sgd": amortised / step["sgd"]}
 
     def goals(step, kde):
@@ -172,7 +180,9 @@ def main(argv=None) -> dict:
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
-        "load_average_1min": os.getloadavg()[0],
+        "load_average_1min_at_start": load_at_start,
+        "load_average_1min_at_end": os.getloadavg()[0],
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "setup": {"method": "simsiam", "backbone": args.backbone, "batch_size": args.batch_size, "image_size": args.image_size,
                   "views": 2, "proj_dim": args.proj_dim, "amp_bf16": amp, "channels_last": device.type == "cuda",
                   "timed_steps": args.steps, "warmup_steps": args.warmup, "statistic": "median, variants interleaved"},
@@ -190,7 +200,7 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("device", "load_average_1min", "step_s", "ratio_to_sgd", "kde_refresh", "goals",
+    print(json.dumps({k: result[k] for k in ("device", "load_average_1min_at_end", "step_s", "ratio_to_sgd", "kde_refresh", "goals",
                                              "ratio_to_sgd_cpu_time", "kde_refresh_cpu_time", "goals_cpu_time")}, indent=2))
     return result
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
-import math
 import os
 import random
 import signal
@@ -63,7 +62,7 @@ from ltssl.optim import SAM, SampleWeights, build_optimizer, kde_weights, learni
 
 CHECKPOINT_SIGNALS = {signal.SIGUSR2, signal.SIGTERM}
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=10)  # a dead rank fails the others instead of hanging them
-EVAL_BATCH_SIZE = 512
+EVAL_BATCH_SIZE = {"cuda": 512, "cpu": 64}  # feature passes; on the CPU small batches stay in cache (~30% faster per image)
 
 _ACTIVE: "Trainer | None" = None
 _LOADERS: dict[tuple, object] = {}  # FFCV loaders reused across train() calls in one process (see cached_loader)
@@ -388,7 +387,8 @@ class Trainer:
             tmp.unlink(missing_ok=True)
 
     def load_checkpoint(self) -> None:
-        state = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
+        # on the CPU: RNG states must stay CPU tensors; load_state_dict copies onto the model's device
+        state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
         if state["schedule"]["steps_per_epoch"] != self.steps_per_epoch:
             raise RuntimeError(
                 f"{self.ckpt_path}: {state['schedule']['steps_per_epoch']} steps per epoch, this job has {self.steps_per_epoch} "
@@ -417,7 +417,7 @@ class Trainer:
     # ---------------------------------------------------------------- features and evaluation
     def eval_loader(self, key: str, beton) -> object:
         if key not in self._eval_loaders:  # built once: every new FFCV loader pays numba compilation
-            self._eval_loaders[key] = cached_loader(self._EvalLoader, beton, batch_size=EVAL_BATCH_SIZE, device=self.device,
+            self._eval_loaders[key] = cached_loader(self._EvalLoader, beton, batch_size=EVAL_BATCH_SIZE[self.device.type], device=self.device,
                                                        num_workers=self.cfg.data.num_workers, distributed=self.world > 1)
         return self._eval_loaders[key]
 

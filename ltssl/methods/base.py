@@ -28,11 +28,11 @@ in ``end_step()``, which the trainer calls after each optimizer step.
 from __future__ import annotations
 
 import contextlib
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-
 
 
 class Method(nn.Module):
