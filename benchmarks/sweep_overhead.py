@@ -163,6 +163,8 @@ def trial_times(output_dir: Path) -> list[dict]:
             "job_run_s": job["finished"] - started,
             "driver_complete_s": history[record["status"]] - job["finished"],
             "trial_total_s": history[record["status"]] - history["started"],
+            "_started_at": history["started"],
+            "_ended_at": history[record["status"]],
         })
     for row in rows:
         row["driver_s"] = row["driver_submit_s"] + row["driver_complete_s"]
@@ -175,16 +177,16 @@ def summarise(values: list[float]) -> dict:
             "max": round(values[-1], 3), "mean": round(statistics.fmean(values), 3)}
 
 
-def run_one(folder: Path, n: int, max_concurrent: int, dashboard: bool) -> dict:
+def run_one(folder: Path, label: str, n: int, max_concurrent: int, dashboard: bool) -> dict:
     from rich.console import Console
 
     from ltssl.sweep.driver import run_sweep
 
-    out = folder / f"out-{n}-{max_concurrent}"
+    out = folder / f"out-{label}"
     sampler = MemorySampler(os.environ["RAY_TMPDIR"])
     sampler.start()
     started = time.time()
-    with open(folder / f"log-{n}-{max_concurrent}.txt", "w") as log:
+    with open(folder / f"log-{label}.txt", "w") as log:
         outcome = run_sweep(sweep_yaml(folder, n, max_concurrent), partition="cpu", output_dir=out, dashboard=dashboard,
                             target=NOOP_TARGET, target_kwargs={"steps": 0}, prepare=False, analyze=False,
                             console=Console(file=log, width=120), live=False)
@@ -198,9 +200,18 @@ def run_one(folder: Path, n: int, max_concurrent: int, dashboard: bool) -> dict:
     jobs = [json.loads(p.read_text())["job_ids"] for p in (out / "ledger").glob("t*.json")]
     if any(len(j) != 1 for j in jobs):
         raise SystemExit(f"a trial submitted more than one job: see {out}")
+    span = max(r["_ended_at"] for r in rows) - min(r["_started_at"] for r in rows)
+    edges = sorted([(r["_started_at"], 1) for r in rows] + [(r["_ended_at"], -1) for r in rows])
+    running = peak = 0
+    for _, step in edges:
+        running += step
+        peak = max(peak, running)
     return {
         "trials": n,
         "max_concurrent": max_concurrent,
+        # how many trials actually ran at once (Ray starting its worker processes bounds it early on)
+        "running_trials_mean": round(sum(r["trial_total_s"] for r in rows) / span, 2),
+        "running_trials_max": peak,
         "dashboard": dashboard,
         "sweep_wall_s": round(wall, 2),
         "sweep_wall_per_trial_s": round(wall / n, 3),
@@ -238,9 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     sinfo = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %c %m"], capture_output=True, text=True).stdout.split()
     sched = next((line for line in Path(os.environ["SLURM_CONF"]).read_text().splitlines()
                   if line.startswith("SchedulerParameters")), "")
-    runs = {"timing": run_one(folder, args.timing_trials, 8, dashboard=False)}
+    runs = {"timing": run_one(folder, "timing", args.timing_trials, 8, dashboard=False)}
     for mc in args.concurrency:
-        runs[f"memory_{args.trials}_trials_concurrency_{mc}"] = run_one(folder, args.trials, mc, dashboard=True)
+        label = f"memory_{args.trials}_trials_concurrency_{mc}"
+        runs[label] = run_one(folder, label, args.trials, mc, dashboard=True)
     load = os.getloadavg()
     result = {
         "benchmark": "sweep_overhead",

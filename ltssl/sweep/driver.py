@@ -418,6 +418,10 @@ def run_sweep(
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"   # step lines carry no knn_acc
         os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"    # our parquet files are the record
+        # Tune keeps one trial PENDING ahead with a custom searcher: a trial that ends before a new
+        # actor starts hands its actor to that one, and the sweep never runs more than one trial at
+        # a time. max_concurrent pending trials let every slot get an actor.
+        os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(spec.max_concurrent)
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         os.environ["RAY_TMPDIR"] = _ray_tmpdir()
         Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
