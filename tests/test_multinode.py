@@ -44,7 +44,7 @@ NETNS = REPO / "slurm" / "lib" / "netns.sh"
 BASE_CONFIG = REPO / "sweeps" / "digits_lt" / "train.yaml"
 # The jobs import this module for their target (see _job_env): it records what each rank trained on.
 TARGET = f"{Path(__file__).stem}:train_recording"
-EPOCHS = 4
+EPOCHS = 3
 JOB_TIMEOUT_S = 400
 
 
@@ -313,10 +313,12 @@ def test_node_crash_requeues_and_resumes_from_checkpoint(ddp_run, data_cache, tm
     # Node n2 crashes: every process in it dies at once; the operator (or the health check) marks it down.
     crashed = time.monotonic()
     netns("crash", "n2")
-    slurm("scontrol", "update", "nodename=n2", "state=down", "reason=test: node crash")
-    wait_until(lambda: squeue_state(handle.job_id) != "RUNNING", 30, "the job to leave RUNNING")
-    requeue_s = time.monotonic() - crashed
-    netns("start", "n2")  # the machine is back: slurmd registers and the node returns to service
+    try:
+        slurm("scontrol", "update", "nodename=n2", "state=down", "reason=test: node crash")
+        wait_until(lambda: squeue_state(handle.job_id) != "RUNNING", 30, "the job to leave RUNNING")
+        requeue_s = time.monotonic() - crashed
+    finally:
+        netns("start", "n2")  # the machine is back: slurmd registers and the node returns to service
     # While the job is requeued, done() stays False although rank 0 may have left an error result.
     while not handle.done():
         assert time.monotonic() - crashed < JOB_TIMEOUT_S, "the requeued job did not finish"
@@ -340,7 +342,7 @@ def test_node_crash_requeues_and_resumes_from_checkpoint(ddp_run, data_cache, tm
 
 def test_rank_death_ends_job_within_seconds_with_the_dead_ranks_error(cluster, data_cache, tmp_path):
     run_dir = tmp_path / "run"
-    cfg = make_cfg(data_cache, **{"train.epochs": 2})
+    cfg = make_cfg(data_cache, **{"train.epochs": 2, "optim.name": "sgd"})
     handle = submit(cfg, run_dir, target=TARGET, target_kwargs={"fail_rank": 1, "fail_at_step": 2})
     with pytest.raises(JobFailedError) as failure:
         handle.result(timeout=JOB_TIMEOUT_S)
@@ -353,13 +355,13 @@ def test_rank_death_ends_job_within_seconds_with_the_dead_ranks_error(cluster, d
 
 def test_node_crash_without_requeue_fails_within_seconds(cluster, data_cache, tmp_path):
     run_dir = tmp_path / "run"
-    cfg = make_cfg(data_cache, **{"launch.requeue_on_node_failure": False})
+    cfg = make_cfg(data_cache, **{"launch.requeue_on_node_failure": False, "optim.name": "sgd"})
     handle = submit(cfg, run_dir, target=TARGET, target_kwargs={"step_sleep_s": 0.25})
     wait_until(lambda: (run_dir / "shards" / "rank1.jsonl").exists(), JOB_TIMEOUT_S, "rank 1 training", poll_s=0.05)
     crashed = time.monotonic()
     netns("crash", "n2")
-    slurm("scontrol", "update", "nodename=n2", "state=down", "reason=test: node crash")
     try:
+        slurm("scontrol", "update", "nodename=n2", "state=down", "reason=test: node crash")
         with pytest.raises(JobFailedError):
             handle.result(timeout=120)
         assert time.monotonic() - crashed < 30
@@ -386,7 +388,7 @@ def test_sweep_runs_single_node_trials_on_both_nodes_beside_a_two_node_trial(clu
     sweep.write_text(yaml.safe_dump({
         "name": "two-node",
         "base": str(BASE_CONFIG),
-        "overrides": {"model.norm": "group", "train.epochs": 1, "train.eval_every": 0, "eval.linear_epochs": 0,
+        "overrides": {"model.norm": "group", "optim.name": "sgd", "train.epochs": 1, "train.eval_every": 0, "eval.linear_epochs": 0,
                       "data.cache_dir": str(data_cache), "data.num_workers": 1},
         "grid": {"variants": [{"train.seed": 0}, {"train.seed": 1}, {"train.seed": 2}, {"train.seed": 3},
                               {"train.seed": 4, "launch.nodes": 2, "launch.cpus_per_task": node_cpus - 2 * single_cpus}]},
