@@ -39,8 +39,8 @@ netns_veth_name() { echo "lt$(netns_tag "$1")$2"; }       # STATE NODE -> host-s
 # netns_nodes STATE -> the recorded node names, one per line (nothing when none were made)
 netns_nodes() { [[ -f "$1/netns/nodes" ]] && cat "$1/netns/nodes" || true; }
 
-# netns_addr STATE NAME -> the address of a node, or of the controller when NAME is the
-# recorded controller name (or "ctl")
+# netns_addr STATE NAME -> the bridge address of a node, or of the controller (NAME = the
+# controller name given to netns_up)
 netns_addr() {
   local state=$1 name=$2 line
   [[ -f "$state/netns/hosts" ]] || { _netns_die "no namespaces recorded under $state"; return 1; }
