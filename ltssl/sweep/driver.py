@@ -97,6 +97,19 @@ def _free_port(preferred: int) -> int:
     raise RuntimeError("no free port for the dashboard")
 
 
+def _login() -> str:
+    """``user@host`` of this (login) node, for the ssh port-forward hint."""
+    import getpass
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "you"
+    host = socket.gethostname()
+    fqdn = socket.getfqdn(host)
+    return f"{user}@{fqdn if '.' in fqdn and not fqdn.startswith('localhost') else host}"
+
+
 def token_location() -> str:
     """Where Ray reads its authentication token from (same order as Ray)."""
     if os.environ.get("RAY_AUTH_TOKEN"):
@@ -436,7 +449,9 @@ def run_sweep(
         try:
             ray.init(
                 address="local",
-                num_cpus=max(2, os.cpu_count() or 2),
+                # Logical CPUs only (trials ask for 0.01): enough for Ray to start max_concurrent
+                # trial processes in parallel, never one per core of a big shared login node.
+                num_cpus=min(os.cpu_count() or 2, max(2, spec.max_concurrent)),
                 include_dashboard=bool(dashboard),
                 dashboard_host="127.0.0.1",
                 dashboard_port=port,
@@ -547,7 +562,7 @@ def _run(spec, trials, output_dir: Path, sweep_id: str, partition, resume: bool,
         url = f"http://127.0.0.1:{port}"
         outcome.dashboard_url = url
         console.print(f"  dashboard {url}  (bound to 127.0.0.1; token authentication on)")
-        console.print(f"    from a laptop: ssh -N -L {port}:127.0.0.1:{port} {os.environ.get('USER', 'you')}@{socket.getfqdn()}")
+        console.print(f"    from a laptop: ssh -N -L {port}:127.0.0.1:{port} {_login()}")
         console.print(f"    then open {url} and paste the token from {token_location()}")
 
     remaining = searcher.remaining()
