@@ -7,10 +7,16 @@ scheduler, the console and the dashboard see the job's progress live. At the end
 job's result (``done``); a failed job raises, with the job's remote traceback, and fails only
 this trial.
 
-It is a class ``Trainable`` because a stopped trial's job must be cancelled at once, and
-``cleanup()`` of a class trainable is the place that reliably runs when Tune stops a trial (a
-function trainable's ``finally:`` is killed with it; measured in /work/shared/notes/ray.md). The
-driver cancels again from ``on_trial_complete`` as a backstop.
+A stopped trial's job must be cancelled at once. A function trainable's ``finally:`` cannot do
+it (Ray kills the ``scancel`` with the trial; /work/shared/notes/ray.md); the driver's
+``on_trial_complete`` can, every time, and is the canceller. This class trainable adds its own
+``cleanup()`` (Tune stops the actor) and ``reset_config()`` (Tune hands the actor, reused, to the
+next trial) as backstops: cancelling an ended job is a no-op.
+
+Actors are reused from trial to trial (no process start, no re-import per trial). ``setup`` and
+``reset_config`` have no side effect; the job is submitted by the trial's first :meth:`step`,
+after the trial is claimed in the ledger, because Tune may run ``setup`` on an actor that it then
+discards in favour of a cached one.
 
 A trial whose ledger record already names a job reattaches to it when it is still queued or
 running (a resumed sweep), and resubmits on the same ``run_dir`` otherwise, so training resumes
