@@ -25,8 +25,9 @@ driver plus every Ray process it started (GCS, raylet, dashboard, trial actors),
 0.25 s, for a sweep of 100 trials queued at once. Each *running* trial holds one Ray actor process,
 so the total grows with ``max_concurrent``; the benchmark runs at two concurrencies to show it.
 
-    slurm/local-cluster up && eval "$(slurm/local-cluster env)"
     .venv/bin/python benchmarks/sweep_overhead.py            # writes benchmarks/results/sweep_overhead.json
+
+(brings the local cluster up when ``SLURM_CONF`` is not set: ``slurm/local-cluster up`` and its env)
 """
 
 from __future__ import annotations
@@ -230,6 +231,21 @@ def run_one(folder: Path, label: str, n: int, max_concurrent: int, dashboard: bo
     }
 
 
+def _local_cluster() -> None:
+    """Bring the local Slurm cluster up (idempotent) and take its environment (``make bench``)."""
+    import shlex
+
+    script = REPO / "slurm" / "local-cluster"
+    up = subprocess.run([str(script), "up"], capture_output=True, text=True)
+    if up.returncode != 0:
+        raise SystemExit(f"slurm/local-cluster up failed:\n{up.stdout}\n{up.stderr}")
+    env = subprocess.run([str(script), "env"], capture_output=True, text=True, check=True).stdout
+    for line in env.splitlines():
+        if line.startswith("export ") and "=" in line:
+            key, value = line[len("export "):].split("=", 1)
+            os.environ[key] = shlex.split(value)[0] if value else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--trials", type=int, default=100, help="trials of the memory sweep (queued at once)")
@@ -239,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if not os.environ.get("SLURM_CONF"):
-        raise SystemExit('SLURM_CONF is not set: run `slurm/local-cluster up` and `eval "$(slurm/local-cluster env)"` first')
+        _local_cluster()
     from ltssl.launch import slurm
 
     if "cpu" not in slurm.partitions():
