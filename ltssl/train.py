@@ -28,13 +28,14 @@ since the previous step line (1 without re-weighting); refresh lines carry the d
 ``dataset_weight_mean``/``dataset_weight_max`` (mean 1 by construction).
 A job started on a run folder with a checkpoint resumes from it, mid-epoch too.
 
-Signals: SIGUSR2 and SIGTERM stay blocked in the calling thread from the start of
-``train`` except at step boundaries (and between evaluation batches), so a handler that
-calls :func:`checkpoint_now` always sees a consistent state. Threads started during
-training (loader, OpenMP, process-group threads) inherit the block. Limitation: a thread
-that existed before ``train`` was called and does not block them could take a
-process-directed signal, and CPython would then run the handler mid-step; the launch
-layer's job process starts no such thread.
+Signals: the Python handlers of SIGUSR2 and SIGTERM run only at step boundaries (and
+between evaluation batches), so a handler that calls :func:`checkpoint_now` always sees a
+consistent state. Two layers make sure of it: the signals stay blocked in the calling thread
+(threads started during training inherit the block), and, because a thread that existed
+before ``train`` (OpenBLAS's pool, started when numpy is imported) can still take a
+process-directed signal and make CPython run the handler mid-step, the handlers are wrapped
+for the duration of ``train``: a signal that arrives between boundaries is held and handed to
+the original handler at the next boundary (:class:`_BoundaryGate`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import json
 import os
 import random
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -264,8 +266,10 @@ class MetricsLog:
 class Trainer:
     """The state of one running job (see :func:`train`)."""
 
-    def __init__(self, cfg: Config, run_dir: Path, step_hook: Callable[[dict], None] | None = None):
+    def __init__(self, cfg: Config, run_dir: Path, step_hook: Callable[[dict], None] | None = None,
+                 gate: _BoundaryGate | None = None):
         self.cfg = cfg
+        self.gate = gate or _BoundaryGate()
         self.run_dir = run_dir
         self.step_hook = step_hook
         self.ckpt_path = run_dir / "checkpoints" / "last.pt"
@@ -406,8 +410,7 @@ class Trainer:
     # ---------------------------------------------------------------- signals
     def boundary(self) -> None:
         """A consistent point: let pending SIGUSR2/SIGTERM handlers run (they may call checkpoint_now)."""
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, CHECKPOINT_SIGNALS)  # CPython runs pending handlers here
-        signal.pthread_sigmask(signal.SIG_BLOCK, CHECKPOINT_SIGNALS)
+        self.gate.open()
 
     def _between_batches(self, batches):
         for batch in batches:
@@ -594,6 +597,57 @@ def _build_encoder(cfg: Config, image_size: int) -> nn.Module:
     return build_backbone(cfg.model, image_size)
 
 
+class _BoundaryGate:
+    """Hold SIGUSR2/SIGTERM handlers until a step boundary.
+
+    While installed, each signal's Python handler is replaced by one that calls the original
+    at once if the trainer is at a boundary, and otherwise queues the signal; :meth:`open`
+    (called at every boundary) delivers the queue. Without it, a signal delivered to a thread
+    that does not block it runs the handler in the main thread between two bytecodes of a
+    step, e.g. after SAM's ascent step, and the checkpoint would hold the perturbed weights.
+    """
+
+    def __init__(self):
+        self.originals: dict[int, Callable] = {}
+        self.pending: list[int] = []
+        self.at_boundary = False
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal.signal works only there; the sigmask still applies
+        for sig in CHECKPOINT_SIGNALS:
+            original = signal.getsignal(sig)
+            if callable(original):
+                self.originals[sig] = original
+                signal.signal(sig, self._handler)
+
+    def _handler(self, signum: int, frame) -> None:
+        if self.at_boundary:
+            self.originals[signum](signum, frame)
+        elif signum not in self.pending:
+            self.pending.append(signum)
+
+    def open(self) -> None:
+        """A consistent point: run held handlers and any signal pending on the thread's mask."""
+        self.at_boundary = True
+        try:
+            while self.pending:
+                signum = self.pending.pop(0)
+                self.originals[signum](signum, None)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, CHECKPOINT_SIGNALS)  # CPython runs pending handlers here
+            signal.pthread_sigmask(signal.SIG_BLOCK, CHECKPOINT_SIGNALS)
+        finally:
+            self.at_boundary = False
+
+    def uninstall(self) -> None:
+        """Restore the handlers; a signal still held is raised again for them (the caller's mask decides when)."""
+        for sig, original in self.originals.items():
+            signal.signal(sig, original)
+        held, self.pending, self.originals = self.pending, [], {}
+        for signum in held:
+            signal.raise_signal(signum)
+
+
 def train(cfg: Config, run_dir, *, step_hook: Callable[[dict], None] | None = None) -> dict:
     """Pre-train, evaluate and return the result dict (keys in CONTRACTS.md); resumes from ``run_dir/checkpoints/last.pt``.
 
@@ -607,7 +661,9 @@ def train(cfg: Config, run_dir, *, step_hook: Callable[[dict], None] | None = No
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, CHECKPOINT_SIGNALS)
-    trainer = Trainer(cfg, run_dir, step_hook)
+    gate = _BoundaryGate()
+    gate.install()
+    trainer = Trainer(cfg, run_dir, step_hook, gate)
     trainer._attempt_start = None
     try:
         trainer.setup()
@@ -621,4 +677,5 @@ def train(cfg: Config, run_dir, *, step_hook: Callable[[dict], None] | None = No
     finally:
         _ACTIVE = None
         trainer.close()
+        gate.uninstall()
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)

@@ -137,6 +137,53 @@ def test_resume_after_signal_equals_uninterrupted_run(cache_dir, tmp_path):
     assert any(line.get("resumed") for line in _lines(tmp_path / "cut"))
 
 
+def test_signal_taken_by_another_thread_is_handled_at_a_step_boundary(cache_dir, tmp_path):
+    """A thread started before train() (as OpenBLAS's pool is in a job process) does not block
+    SIGUSR2; the signal it takes must still reach the handler only at a step boundary, so the
+    checkpoint is consistent and the resumed run equals the uninterrupted one."""
+    cfg = _cfg(cache_dir, **{"train.eval_every": 0, "eval.linear_epochs": 0, "train.checkpoint_every": 5})
+    full = train(cfg, tmp_path / "full")
+
+    fire, done = threading.Event(), threading.Event()
+
+    def foreign_thread():  # its signal mask is the test's: nothing blocked
+        fire.wait()
+        signal.pthread_kill(threading.get_ident(), signal.SIGUSR2)
+        done.set()
+
+    seen = {}
+
+    def on_usr2(signum, frame):
+        from ltssl import train as train_module
+
+        seen["step"] = train_module._ACTIVE.global_step
+        assert checkpoint_now()
+        raise _Abort()
+
+    def hook(info):
+        if info["global_step"] == 9:
+            fire.set()
+            done.wait(5)  # the signal is taken now, and the next step starts right after
+
+    thread = threading.Thread(target=foreign_thread, daemon=True)
+    thread.start()
+    previous = signal.signal(signal.SIGUSR2, on_usr2)
+    try:
+        with pytest.raises(_Abort):
+            train(cfg, tmp_path / "cut", step_hook=hook)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+        thread.join(5)
+    assert seen["step"] == 10  # held through step 10, handled at the boundary after it
+    state = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 3, 10)
+    resumed = train(cfg, tmp_path / "cut")
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert resumed["final_loss"] == full["final_loss"]
+
+
 def test_nonfinite_loss_stops_the_job_naming_epoch_and_step(cache_dir, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = simsiam_module.negative_cosine
