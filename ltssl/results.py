@@ -112,14 +112,10 @@ def describe_schema(schema: pa.Schema = RESULTS_SCHEMA) -> list[tuple[str, str, 
 # --------------------------------------------------------------------------- reading trial files
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Every complete JSON line of ``path`` (a line still being written is left out)."""
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        return []
+def parse_json_lines(raw_lines) -> list[dict]:
+    """The JSON objects among ``raw_lines`` (str or bytes, complete lines); blank or broken lines are passed over."""
     lines = []
-    for raw in text.split("\n")[:-1] if not text.endswith("\n") else text.split("\n"):
+    for raw in raw_lines:
         raw = raw.strip()
         if not raw:
             continue
@@ -130,6 +126,31 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         if isinstance(value, dict):
             lines.append(value)
     return lines
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Every complete JSON line of ``path`` (a line still being written is left out)."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return []
+    return parse_json_lines(text.split("\n")[:-1])  # the last piece is "" or a partial line
+
+
+def final_trajectory(lines: list[dict]) -> list[dict]:
+    """The metrics lines of the run that produced the result.
+
+    A job resumed from its checkpoint at step S logs ``{"resumed": true, "step": S}`` and then
+    re-runs (identically) the steps its previous attempt had logged after S: those earlier lines
+    are dropped, so each step appears once and learning curves do not fold back.
+    """
+    kept: list[dict] = []
+    for line in lines:
+        if line.get("resumed") and isinstance(line.get("step"), int):
+            resumed_at = line["step"]
+            kept = [k for k in kept if not (isinstance(k.get("step"), int) and k["step"] > resumed_at)]
+        kept.append(line)
+    return kept
 
 
 def _read_json(path: Path) -> dict:
@@ -221,9 +242,10 @@ def result_row(record: dict, sweep_id: str, metrics: list[dict] | None = None) -
 
 
 def metrics_rows(lines: list[dict], sweep_id: str, trial_id: str) -> list[dict]:
-    """metrics.parquet rows of one trial: every scalar field of every line (lists/strings dropped)."""
+    """metrics.parquet rows of one trial: every scalar field of every line (lists/strings dropped),
+    lines a resumed attempt re-ran left out (:func:`final_trajectory`)."""
     rows = []
-    for line in lines:
+    for line in final_trajectory(lines):
         row: dict[str, Any] = {"sweep_id": sweep_id, "trial_id": trial_id, "final": bool(line.get("final", False))}
         for key, value in line.items():
             if key in ("final", "sweep_id", "trial_id"):

@@ -16,6 +16,7 @@ from ltssl.results import (
     RESULTS_SCHEMA,
     ResultsWriter,
     describe_schema,
+    metrics_rows,
     read_jsonl,
     read_results,
     result_row,
@@ -154,6 +155,18 @@ def test_partial_last_line_is_left_for_later(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"epoch": 1, "knn_acc": 0.5}\n{"epoch": 2, "knn')
     assert read_jsonl(path) == [{"epoch": 1, "knn_acc": 0.5}]
+
+
+def test_steps_a_resumed_attempt_ran_again_appear_once(tmp_path):
+    """Attempt 1 logged steps 1-5 and checkpointed at step 3; attempt 2 resumes at 3 and re-runs 4-6."""
+    lines = [{"epoch": 1, "step": s, "loss": 1.0} for s in range(1, 6)]
+    lines += [{"epoch": 1, "step": 3, "resumed": True, "step_in_epoch": 3}]
+    lines += [{"epoch": 1, "step": s, "loss": 0.5} for s in range(4, 7)]
+    rows = metrics_rows(lines, "sw1", "t0")
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in rows if "loss" in r] == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5]  # the surviving attempt's values
+    assert sum(1 for r in rows if r.get("resumed")) == 1
 
 
 def test_empty_results_file_keeps_the_schema(tmp_path):

@@ -25,7 +25,6 @@ from ``run_dir/checkpoints/last.pt`` rather than from epoch 0.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -36,6 +35,7 @@ from typing import Any
 
 from ray import tune
 
+from ltssl.results import parse_json_lines
 from ltssl.sweep.ledger import DETACH_MARKER, Ledger
 
 #: The trainer's default entry point (``ltssl.launch.submit``'s target).
@@ -78,18 +78,7 @@ class MetricsTail:
         self.offset += len(chunk)
         data = self._partial + chunk
         *complete, self._partial = data.split(b"\n")
-        lines = []
-        for raw in complete:
-            raw = raw.strip()
-            if not raw:
-                continue
-            try:
-                value = json.loads(raw)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(value, dict):
-                lines.append(value)
-        return lines
+        return parse_json_lines(complete)
 
 
 def _scalars(line: dict) -> dict:
