@@ -304,17 +304,26 @@ def plot_delta(delta: pd.DataFrame, path: Path) -> bool:
     return True
 
 
-def plot_per_class(results: pd.DataFrame, best: pd.DataFrame, path: Path) -> bool:
-    """Per-class accuracy against the class's training images, for the best trial of each ratio."""
+def best_trials(results: pd.DataFrame, metric: str, mode: str) -> list[tuple]:
+    """(dataset, ratio, balanced, method, row) of the completed trial with per-class accuracies
+    that is best on the sweep's selection ``metric`` in each group (the best-configuration table's choice)."""
     df = results[(results["status"] == "completed") & results["per_class_acc"].notna() & results["class_counts"].notna()]
-    if df.empty:
+    picked = []
+    for (dataset, ratio, balanced, method), g in df.groupby(["dataset", "imbalance_ratio", "balanced", "method"]):
+        col = metric if metric in g.columns and g[metric].notna().any() else "linear_acc"
+        g = g.dropna(subset=[col])
+        if not g.empty:
+            picked.append((dataset, ratio, balanced, method, g.loc[g[col].idxmax() if mode == "max" else g[col].idxmin()]))
+    return picked
+
+
+def plot_per_class(results: pd.DataFrame, metric: str, mode: str, path: Path) -> bool:
+    """Per-class accuracy against the class's training images, for the best trial of each ratio."""
+    picked = best_trials(results, metric, mode)
+    if not picked:
         return False
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    picked = []
-    for (dataset, ratio, balanced, method), g in df.groupby(["dataset", "imbalance_ratio", "balanced", "method"]):
-        metric = "linear_acc" if g["linear_acc"].notna().any() else "knn_acc"
-        picked.append((dataset, ratio, balanced, method, g.loc[g[metric].idxmax()]))
     cmap = plt.get_cmap("plasma")
     for i, (dataset, ratio, balanced, method, row) in enumerate(picked):
         counts = np.asarray(row["class_counts"], dtype=float)
@@ -329,7 +338,7 @@ def plot_per_class(results: pd.DataFrame, best: pd.DataFrame, path: Path) -> boo
     ax.set_xscale("log")
     ax.set_xlabel("training images of the class (log)")
     ax.set_ylabel("per-class accuracy (linear probe)")
-    ax.set_title("per-class accuracy vs class size (best trial per ratio)")
+    ax.set_title(f"per-class accuracy vs class size (best trial per ratio on {metric})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -418,7 +427,7 @@ def analyze(output_dir: str | Path, report_dir: str | Path | None = None) -> Pat
     plots = [
         ("acc_vs_rho.png", plot_acc_vs_rho(results, plot_metric, folder / "acc_vs_rho.png"), f"{plot_metric} vs rho per imbalance ratio"),
         ("delta_bars.png", plot_delta(delta, folder / "delta_bars.png"), "Delta(n, r): SSL vs SL, ID and OOD"),
-        ("per_class_acc.png", plot_per_class(results, best, folder / "per_class_acc.png"), "per-class accuracy vs class size"),
+        ("per_class_acc.png", plot_per_class(results, metric, mode, folder / "per_class_acc.png"), "per-class accuracy vs class size"),
         ("learning_curves.png", plot_learning_curves(results, metrics, "knn_acc", folder / "learning_curves.png"), "learning curves"),
     ]
     parts.append("## Plots\n")

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ltssl.report import analyze
+from ltssl.report import analyze, best_trials
 from ltssl.results import ResultsWriter
 from ltssl.sweep.ledger import Ledger
 from test_results import make_trial
@@ -106,6 +106,15 @@ def test_plots_are_written(sweep_dir):
         assert path.is_file() and path.stat().st_size > 10_000, name
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({name})" in (folder / "report.md").read_text()
+
+
+def test_per_class_plot_shows_the_trial_best_on_the_selection_metric(sweep_dir):
+    results = pd.read_parquet(sweep_dir / "results.parquet")
+    picked = {(ratio, method, balanced): row for _, ratio, balanced, method, row in best_trials(results, "knn_acc", "max")}
+    assert picked[(1.0, "simsiam", False)]["knn_acc"] == pytest.approx(0.87)  # rho 2, seed 1
+    assert picked[(1.0, "simsiam", False)]["rho"] == 2.0
+    worst = {(ratio, method, balanced): row for _, ratio, balanced, method, row in best_trials(results, "knn_acc", "min")}
+    assert worst[(1.0, "simsiam", False)]["knn_acc"] == pytest.approx(0.80)
 
 
 def test_partial_parquet_of_a_running_sweep(tmp_path):
