@@ -318,8 +318,12 @@ def best_trials(results: pd.DataFrame, metric: str, mode: str) -> list[tuple]:
 
 
 def plot_per_class(results: pd.DataFrame, metric: str, mode: str, path: Path) -> bool:
-    """Per-class accuracy against the class's training images, for the best trial of each ratio."""
-    picked = best_trials(results, metric, mode)
+    """Per-class accuracy against the class's training images, for the best trial of each ratio.
+
+    Balanced trials are left out: all their classes have the same size, so they draw a vertical
+    line that says nothing about the tail.
+    """
+    picked = [p for p in best_trials(results, metric, mode) if not p[2]]
     if not picked:
         return False
     plt = _plt()
@@ -347,12 +351,31 @@ def plot_per_class(results: pd.DataFrame, metric: str, mode: str, path: Path) ->
     return True
 
 
+def learning_curve_points(metrics: pd.DataFrame | None, metric: str) -> tuple[str, str, pd.DataFrame]:
+    """(x column, y column, rows) of the learning curves: ``metric`` per epoch, or the training
+    loss per step when no trial has two values of the metric."""
+    if metrics is None or metrics.empty:
+        return "epoch", metric, pd.DataFrame()
+    m = pd.DataFrame()
+    if metric in metrics.columns:
+        # every line carrying the metric; the final line repeats the last evaluation's epoch: keep one
+        m = metrics[metrics[metric].notna()].drop_duplicates(subset=["trial_id", "epoch"], keep="last")
+        if not m.empty and m.groupby("trial_id").size().max() >= 2:
+            return "epoch", metric, m
+    if "loss" in metrics.columns:
+        loss = metrics[metrics["loss"].notna() & metrics["step"].notna()].drop_duplicates(subset=["trial_id", "step"], keep="last")
+        if not loss.empty:
+            return "step", "loss", loss
+    return "epoch", metric, m
+
+
 def plot_learning_curves(results: pd.DataFrame, metrics: pd.DataFrame | None, metric: str, path: Path) -> bool:
-    """The metric per epoch of every trial, one panel per group; stopped trials dashed."""
-    if metrics is None or metrics.empty or metric not in metrics.columns:
-        return False
-    # every line carrying the metric; the final line repeats the last evaluation's epoch: keep one
-    m = metrics[metrics[metric].notna()].drop_duplicates(subset=["trial_id", "epoch"], keep="last")
+    """The metric per epoch of every trial, one panel per group; stopped trials dashed.
+
+    A sweep without a monitor (``train.eval_every: 0``) has one value of the metric per trial,
+    which is no curve: the training loss per step is drawn instead.
+    """
+    x, y, m = learning_curve_points(metrics, metric)
     if m.empty:
         return False
     plt = _plt()
@@ -365,20 +388,21 @@ def plot_learning_curves(results: pd.DataFrame, metrics: pd.DataFrame | None, me
     fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 3.6 * nrow), squeeze=False)
     for ax, group in zip(axes.flat, groups):
         for trial, g in m[m["group"] == group].groupby("trial_id"):
-            g = g.sort_values("epoch")
+            g = g.sort_values(x)
             status = g["status"].iloc[0]
-            ax.plot(g["epoch"], g[metric], linestyle="--" if status == "stopped_early" else "-", marker=".",
+            ax.plot(g[x], g[y], linestyle="--" if status == "stopped_early" else "-", marker="." if x == "epoch" else None,
                     label=f"{trial} ({status if isinstance(status, str) else 'running'})")
         ax.set_title(group, fontsize=9)
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(metric)
+        ax.set_xlabel(x)
+        ax.set_ylabel(y if y != "loss" else "training loss")
         ax.grid(alpha=0.3)
         if len(ax.lines) <= 12:
             ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(groups):]:
         ax.axis("off")
-    fig.suptitle(f"learning curves: {metric} per epoch (dashed: stopped early)")
+    what = f"{metric} per epoch" if y == metric else f"training loss per step (no {metric} monitor in this sweep)"
+    fig.suptitle(f"learning curves: {what} (dashed: stopped early)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ltssl.report import analyze, best_trials
+from ltssl.report import analyze, best_trials, learning_curve_points
 from ltssl.results import ResultsWriter
 from ltssl.sweep.ledger import Ledger
 from test_results import make_trial
@@ -115,6 +115,17 @@ def test_per_class_plot_shows_the_trial_best_on_the_selection_metric(sweep_dir):
     assert picked[(1.0, "simsiam", False)]["rho"] == 2.0
     worst = {(ratio, method, balanced): row for _, ratio, balanced, method, row in best_trials(results, "knn_acc", "min")}
     assert worst[(1.0, "simsiam", False)]["knn_acc"] == pytest.approx(0.80)
+
+
+def test_learning_curves_fall_back_to_the_loss_without_a_monitor():
+    """One kNN value per trial (train.eval_every: 0) is no curve: the training loss per step is drawn."""
+    lines = [{"trial_id": "t0", "epoch": e, "step": 4 * e, "loss": 1.0 / e} for e in (1, 2, 3)]
+    monitored = pd.DataFrame(lines + [{"trial_id": "t0", "epoch": e, "step": 4 * e, "knn_acc": 0.5 + e / 10} for e in (1, 3)])
+    x, y, points = learning_curve_points(monitored, "knn_acc")
+    assert (x, y) == ("epoch", "knn_acc") and list(points["knn_acc"]) == [0.6, 0.8]
+    final_only = pd.DataFrame(lines + [{"trial_id": "t0", "epoch": 3, "step": 12, "knn_acc": 0.8}])
+    x, y, points = learning_curve_points(final_only, "knn_acc")
+    assert (x, y) == ("step", "loss") and list(points["step"]) == [4, 8, 12]
 
 
 def test_partial_parquet_of_a_running_sweep(tmp_path):
