@@ -13,9 +13,10 @@ pairs. This measures, side by side in one process and on the same prepared data
 
 Images/s counts images (rows of the batch), not views: an image with K views is one image.
 The K values are measured round-robin (``--rounds`` times) so that drift of a shared machine
-hits them alike; each round records the 1-minute load average. The headline figure of each K is
-its best round (the least disturbed on a machine other jobs share); medians and every round are
-in the JSON too. Writes ``benchmarks/results/multiview.json``.
+hits them alike; each round records the 1-minute load average. Two figures per phase: wall-clock
+images/s (best round: the least disturbed) and images per second of the process's CPU time
+(median round; all threads, so the loader's work counts): the second is what K costs, robust to
+other jobs sharing the machine. Every round is in the JSON. Writes ``benchmarks/results/multiview.json``.
 
     .venv/bin/python benchmarks/multiview.py [--backbone small_cnn] [--rounds 5]
 """
@@ -87,22 +88,33 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    class Clock:
+        """Wall and process CPU time (all threads, the loader's included) of one measured phase."""
+
+        def __enter__(self):
+            self.wall, self.cpu = time.perf_counter(), time.process_time()
+            return self
+
+        def __exit__(self, *exc):
+            sync()
+            self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
     def loader_epoch(k, epoch):
         _, _, _, loader = setups[k]
-        n, t = 0, time.perf_counter()
-        for batch in loader.epoch(epoch):
-            n += batch["views"][0].shape[0]
-        sync()
-        return n / (time.perf_counter() - t)
+        n = 0
+        with Clock() as c:
+            for batch in loader.epoch(epoch):
+                n += batch["views"][0].shape[0]
+        return n, c.wall, c.cpu
 
     def train_epoch(k, epoch):
         _, method, opt, loader = setups[k]
-        n, t = 0, time.perf_counter()
-        for batch in loader.epoch(epoch):
-            train_step(method, opt, batch)
-            n += batch["views"][0].shape[0]
-        sync()
-        return n / (time.perf_counter() - t)
+        n = 0
+        with Clock() as c:
+            for batch in loader.epoch(epoch):
+                train_step(method, opt, batch)
+                n += batch["views"][0].shape[0]
+        return n, c.wall, c.cpu
 
     cached = {}
 
@@ -113,19 +125,20 @@ def main(argv=None) -> int:
         batches = cached[k]
         train_step(method, opt, batches[0])  # warm
         sync()
-        n, t = 0, time.perf_counter()
-        for b in batches:
-            train_step(method, opt, b)
-            n += b["views"][0].shape[0]
-        sync()
-        return n / (time.perf_counter() - t)
+        n = 0
+        with Clock() as c:
+            for b in batches:
+                train_step(method, opt, b)
+                n += b["views"][0].shape[0]
+        return n, c.wall, c.cpu
 
     # warm-up: every new FFCV loader pays numba compilation in its first epoch
     for k in views_list:
         loader_epoch(k, 0)
         train_epoch(k, 0)
 
-    figures = {k: {"loader": [], "step": [], "loader+step": []} for k in views_list}
+    phases = ("loader", "step", "loader+step")
+    figures = {k: {name: [] for name in phases} for k in views_list}   # (images, wall s, cpu s) per round
     load = []
     for r in range(args.rounds):
         load.append(round(os.getloadavg()[0], 2))
@@ -135,49 +148,54 @@ def main(argv=None) -> int:
             figures[k]["loader+step"].append(train_epoch(k, r + 1))
 
     rows = []
-    ref = None
+    ref_cpu = None
     for k in views_list:
-        best = {name: max(vals) for name, vals in figures[k].items()}
-        med = {name: statistics.median(vals) for name, vals in figures[k].items()}
-        if ref is None:
-            ref = (k, best)
+        wall_best = {name: max(n / w for n, w, _ in v) for name, v in figures[k].items()}
+        cpu_med = {name: statistics.median(n / c for n, _, c in v) for name, v in figures[k].items()}
+        if ref_cpu is None:
+            ref_cpu = cpu_med
         rows.append({
             "num_views": k,
             "view_pairs_all_pairs": k * (k - 1) // 2,
-            "loader_images_per_s": round(best["loader"], 1),
-            "step_images_per_s": round(best["step"], 1),
-            "loader_step_images_per_s": round(best["loader+step"], 1),
-            "time_per_image_vs_first_k": round(ref[1]["loader+step"] / best["loader+step"], 3),
-            "median": {name: round(v, 1) for name, v in med.items()},
-            "rounds": {name: [round(v, 1) for v in vals] for name, vals in figures[k].items()},
+            "loader_images_per_s": round(wall_best["loader"], 1),
+            "step_images_per_s": round(wall_best["step"], 1),
+            "loader_step_images_per_s": round(wall_best["loader+step"], 1),
+            "loader_images_per_cpu_s": round(cpu_med["loader"], 1),
+            "step_images_per_cpu_s": round(cpu_med["step"], 1),
+            "loader_step_images_per_cpu_s": round(cpu_med["loader+step"], 1),
+            "cpu_time_per_image_vs_first_k": round(ref_cpu["loader+step"] / cpu_med["loader+step"], 3),
+            "rounds_images_per_s": {name: [round(n / w, 1) for n, w, _ in v] for name, v in figures[k].items()},
+            "rounds_images_per_cpu_s": {name: [round(n / c, 1) for n, _, c in v] for name, v in figures[k].items()},
         })
-    k0, m0 = ref
-    extra = []
-    for row in rows[1:]:
-        dk = row["num_views"] - k0
-        extra.append((1 / row["loader_step_images_per_s"] - 1 / m0["loader+step"]) / dk)
+    k0 = views_list[0]
+    extra = [(1 / row["loader_step_images_per_cpu_s"] - 1 / rows[0]["loader_step_images_per_cpu_s"]) / (row["num_views"] - k0)
+             for row in rows[1:]]
     result = {
         "benchmark": "multiview",
-        "what": "images/s (images, not views) of SSLLoader epochs, train_step on in-memory batches, and both together, "
-                "for K views per image; best of round-robin rounds (median and all rounds alongside) after one warm-up "
-                "epoch per K",
+        "what": "images (not views) per second of SSLLoader epochs, train_step on in-memory batches, and both together, "
+                "for K views per image, measured round-robin after one warm-up epoch per K. *_images_per_s: wall clock, "
+                "best round (the least disturbed). *_images_per_cpu_s: per second of this process's CPU time (all its "
+                "threads), median round: robust to other jobs on the machine; cpu_time_per_image_vs_first_k and "
+                "cpu_seconds_per_image_per_extra_view come from it",
         "data": {"dataset": "digits (sklearn load_digits, upsampled)", "image_shape": [3, 32, 32], "n_train": data.n_train,
                  "imbalance_ratio": 1.0},
         "method": args.method, "backbone": args.backbone, "pairing": cfg0.method.multiview.pairing,
-        "batch_size": args.batch_size, "optimizer": "sgd", "device": str(device),
+        "proj_dim": cfg0.method.proj_dim, "batch_size": args.batch_size, "optimizer": "sgd", "device": str(device),
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
         "torch": torch.__version__, "rounds": args.rounds, "load_average_1min_per_round": load,
         "results": rows,
-        "seconds_per_image_per_extra_view": round(statistics.mean(extra), 6) if extra else None,
-        "note": "2-core CPU shared with other processes; absolute figures move with the machine's load, ratios less so",
+        "cpu_seconds_per_image_per_extra_view": round(statistics.mean(extra), 6) if extra else None,
+        "note": "2-core CPU shared with other jobs (see the load averages): wall figures move with the load, CPU-time figures much less",
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     for row in rows:
-        print(f"K={row['num_views']}: loader {row['loader_images_per_s']:8.1f} img/s   step {row['step_images_per_s']:8.1f} img/s   "
-              f"loader+step {row['loader_step_images_per_s']:8.1f} img/s   time/image x{row['time_per_image_vs_first_k']:.2f}")
+        print(f"K={row['num_views']}: wall img/s (best): loader {row['loader_images_per_s']:8.1f}  step {row['step_images_per_s']:7.1f}  "
+              f"loader+step {row['loader_step_images_per_s']:7.1f} | img per CPU-s (median): loader {row['loader_images_per_cpu_s']:8.1f}  "
+              f"step {row['step_images_per_cpu_s']:7.1f}  loader+step {row['loader_step_images_per_cpu_s']:7.1f}  "
+              f"CPU time/image x{row['cpu_time_per_image_vs_first_k']:.2f}")
     print(f"wrote {out}")
     if tmp is not None:
         tmp.cleanup()
