@@ -62,7 +62,9 @@ class DataConfig:
     seed: int = _f(0, "seed of the subset sampling (which images are kept)", ge=0)
     num_workers: int = _f(2, "loader threads per process", ge=1)
     cache_dir: str = _f("data", "where prepared LT datasets (.beton files + manifest) are written and reused")
-    ood_dataset: str | None = _f(None, "dataset for out-of-domain linear probing, e.g. cifar100 for a cifar10 pretrain")
+    ood_dataset: str | None = _f(None, "dataset for out-of-domain linear probing, e.g. cifar100 for a cifar10 pretrain, "
+                                 "digits_ood (digits inverted and rotated) for digits",
+                                 choices=["digits", "digits_ood", "cifar10", "cifar100", "imagefolder"])
     ood_root: str | None = _f(None, "source folder of the out-of-domain dataset")
     test_split_file: str | None = _f(None, "imagefolder: published test list ('relative/path label'); None = root/val or root/test")
     probe_per_class: int | None = _f(None, "images per class of the balanced linear-probe subset; None = the most the smallest class allows", ge=1)

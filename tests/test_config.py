@@ -44,6 +44,7 @@ def test_dotted_overrides_win_over_the_file(tmp_path):
         ({"train": {"epochs": 2.5}}, "train.epochs must be int, got 2.5"),
         ({"optim": {"adaptive": "yes"}}, "optim.adaptive must be bool, got 'yes'"),
         ({"optim": {"name": "adam"}}, "optim.name must be one of sgd, sam, rwsam, got 'adam'"),
+        ({"data": {"ood_dataset": "svhn"}}, "data.ood_dataset must be one of digits, digits_ood, cifar10, cifar100, imagefolder, got 'svhn'"),
         ({"data": {"imbalance_ratio": 0.5}}, "data.imbalance_ratio must be >= 1, got 0.5"),
         ({"method": {"multiview": {"filter_quantile": 1.5}}}, "method.multiview.filter_quantile must be <= 1, got 1.5"),
         ({"method": {"tase": {"k": 3}}}, "unknown key method.tase.k (allowed: enabled, num_clusters, refresh_every, tau_min, tau_max, weight_power, temperature_power, kmeans_iters, start_epoch)"),
