@@ -666,7 +666,8 @@ def print_results(path: Path, spec: SweepSpec, console) -> None:
     metric = spec.metric if spec.metric in df.columns else "knn_acc"
     df = df.sort_values(["group", metric], ascending=[True, asc], na_position="last")
     table = Table(title=f"results ({len(df)} trials; {path})", box=None, header_style="bold")
-    columns = ["trial", "status", *[short.get(a, a) for a in axes], "epochs", metric]
+    # "method.tase.enabled" -> "tase.enabled": the section is clear from the name, the width is not free
+    columns = ["trial", "status", *[short.get(a, a.split(".", 1)[-1]) for a in axes], "epochs", metric]
     columns += [c for c in ("knn_acc", "linear_acc", "acc_few") if c != metric] + ["job"]
     for col in columns:
         table.add_column(col, no_wrap=True)
@@ -679,4 +680,11 @@ def print_results(path: Path, spec: SweepSpec, console) -> None:
         accs = [f(row[c]) for c in ("knn_acc", "linear_acc", "acc_few") if c != metric]
         table.add_row(row["trial_id"], row["status"], *[f(params.get(a)) for a in axes],
                       f(row["epochs_run"]), f(row[metric]), *accs, f(row["slurm_job_id"]))
-    console.print(table)
+    if console.is_terminal:
+        console.print(table)
+        return
+    width, console.width = console.width, 240  # a log file has no width: do not cut the table to 80 columns
+    try:
+        console.print(table)
+    finally:
+        console.width = width
