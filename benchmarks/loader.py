@@ -64,7 +64,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--epochs", type=int, default=2, help="timed epochs per configuration (after one warm-up)")
     p.add_argument("--num-workers", type=int, default=2, help="FFCV threads / DataLoader worker processes")
-    p.add_argument("--torch-threads", type=int, default=1, help="torch threads of the main process (batched augmentation)")
+    p.add_argument("--torch-threads", type=int, default=os.cpu_count(),
+                   help="torch threads of the main process (batched augmentation); default: every core, as a training job "
+                        "uses and as the reference's workers do")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "loader.json"))
     args = p.parse_args(argv)
 
