@@ -74,7 +74,7 @@ def print_result(result: dict, run_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # overrides may stand before and after the flags
     try:
         overrides = dict(parse_override(o) for o in args.overrides)
         if args.partition is not None:

@@ -218,8 +218,8 @@ def test_train_cli_runs_locally(tmp_path):
     config = tmp_path / "toy.yaml"
     config.write_text("train:\n  seed: 3\nlaunch:\n  timeout_min: 5\n  signal_delay_s: 30\n")
     out = subprocess.run(
-        [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(config), "--output-dir", str(tmp_path / "run"),
-         "--target", TOY, "train.seed=4"],
+        [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(config), "train.seed=4",
+         "--output-dir", str(tmp_path / "run"), "--target", TOY, "launch.timeout_min=6"],  # overrides around the flags
         capture_output=True,
         text=True,
         timeout=120,
@@ -227,6 +227,7 @@ def test_train_cli_runs_locally(tmp_path):
     assert out.returncode == 0, out.stderr
     assert str(tmp_path / "run") in out.stdout
     assert json.loads((tmp_path / "run" / "result.json").read_text())["value"] == toy.expected_value(20, seed=4)
+    assert "timeout_min: 6" in (tmp_path / "run" / "config.yaml").read_text()
 
 
 def test_partitions_example_is_valid_launch_sections():
