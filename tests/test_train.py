@@ -95,14 +95,35 @@ class _Abort(Exception):
     pass
 
 
-def test_resume_after_signal_equals_uninterrupted_run(cache_dir, tmp_path):
+def _resume_cfg(cache_dir):
+    return _cfg(cache_dir, **{"train.eval_every": 0, "eval.linear_epochs": 0, "train.checkpoint_every": 5})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cache_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    return run_dir, train(_resume_cfg(cache_dir), run_dir)
+
+
+@pytest.mark.parametrize("sender", ["main_thread", "foreign_thread"])
+def test_resume_after_signal_equals_uninterrupted_run(cache_dir, tmp_path, uninterrupted, sender):
     """SIGUSR2 sent between steps is held until the next step is done; the handler saves and aborts.
 
-    The resumed run (mid-epoch, with the KDE weights, BN statistics and SGD momentum restored)
-    ends with weights identical to an uninterrupted run's.
+    ``main_thread``: the signal is directed at the training thread, which blocks it during steps.
+    ``foreign_thread``: a thread started before train() (as OpenBLAS's pool is in a job process)
+    takes it with nothing blocked; CPython would run the handler mid-step without the trainer's gate.
+    Either way the resumed run (mid-epoch, with the KDE weights, BN statistics and SGD momentum
+    restored) ends with weights identical to an uninterrupted run's.
     """
-    cfg = _cfg(cache_dir, **{"train.eval_every": 0, "eval.linear_epochs": 0, "train.checkpoint_every": 5})
-    full = train(cfg, tmp_path / "full")
+    cfg = _resume_cfg(cache_dir)
+    full_dir, full = uninterrupted
+    fire, taken, cancelled = threading.Event(), threading.Event(), threading.Event()
+
+    def foreign_thread():  # its signal mask is the test's: nothing blocked
+        fire.wait()
+        if not cancelled.is_set():
+            signal.pthread_kill(threading.get_ident(), signal.SIGUSR2)
+        taken.set()
 
     seen = {}
 
@@ -115,55 +136,11 @@ def test_resume_after_signal_equals_uninterrupted_run(cache_dir, tmp_path):
 
     def hook(info):
         if info["global_step"] == 9:  # mid epoch 2 (7 steps per epoch)
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR2)
-
-    previous = signal.signal(signal.SIGUSR2, on_usr2)
-    try:
-        with pytest.raises(_Abort):
-            train(cfg, tmp_path / "cut", step_hook=hook)
-    finally:
-        signal.signal(signal.SIGUSR2, previous)
-    assert seen["step"] == 10  # delivered at the boundary after the next step, not inside it
-    state = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)
-    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 3, 10)
-    assert not checkpoint_now()  # no trainer running
-
-    resumed = train(cfg, tmp_path / "cut")
-    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-    assert resumed["knn_acc"] == full["knn_acc"] and resumed["final_loss"] == full["final_loss"]
-    assert any(line.get("resumed") for line in _lines(tmp_path / "cut"))
-
-
-def test_signal_taken_by_another_thread_is_handled_at_a_step_boundary(cache_dir, tmp_path):
-    """A thread started before train() (as OpenBLAS's pool is in a job process) does not block
-    SIGUSR2; the signal it takes must still reach the handler only at a step boundary, so the
-    checkpoint is consistent and the resumed run equals the uninterrupted one."""
-    cfg = _cfg(cache_dir, **{"train.eval_every": 0, "eval.linear_epochs": 0, "train.checkpoint_every": 5})
-    full = train(cfg, tmp_path / "full")
-
-    fire, done = threading.Event(), threading.Event()
-
-    def foreign_thread():  # its signal mask is the test's: nothing blocked
-        fire.wait()
-        signal.pthread_kill(threading.get_ident(), signal.SIGUSR2)
-        done.set()
-
-    seen = {}
-
-    def on_usr2(signum, frame):
-        from ltssl import train as train_module
-
-        seen["step"] = train_module._ACTIVE.global_step
-        assert checkpoint_now()
-        raise _Abort()
-
-    def hook(info):
-        if info["global_step"] == 9:
-            fire.set()
-            done.wait(5)  # the signal is taken now, and the next step starts right after
+            if sender == "main_thread":
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR2)
+            else:
+                fire.set()
+                taken.wait(5)  # the signal is taken now, and the next step starts right after
 
     thread = threading.Thread(target=foreign_thread, daemon=True)
     thread.start()
@@ -172,16 +149,22 @@ def test_signal_taken_by_another_thread_is_handled_at_a_step_boundary(cache_dir,
         with pytest.raises(_Abort):
             train(cfg, tmp_path / "cut", step_hook=hook)
     finally:
-        signal.signal(signal.SIGUSR2, previous)
+        cancelled.set()  # the thread must not signal once the handler is gone
+        fire.set()
         thread.join(5)
-    assert seen["step"] == 10  # held through step 10, handled at the boundary after it
+        signal.signal(signal.SIGUSR2, previous)
+    assert seen["step"] == 10  # delivered at the boundary after the next step, not inside it
     state = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 3, 10)
+    assert not checkpoint_now()  # no trainer running
+
     resumed = train(cfg, tmp_path / "cut")
-    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    a, b = _weights(full_dir), _weights(tmp_path / "cut")
+    assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert resumed["final_loss"] == full["final_loss"]
+    assert resumed["knn_acc"] == full["knn_acc"] and resumed["final_loss"] == full["final_loss"]
+    assert any(line.get("resumed") for line in _lines(tmp_path / "cut"))
 
 
 def test_nonfinite_loss_stops_the_job_naming_epoch_and_step(cache_dir, tmp_path, monkeypatch):
