@@ -26,7 +26,7 @@ class SAM(torch.optim.Optimizer):
         **base_kwargs: the base optimizer's arguments (lr, momentum, weight_decay, ...).
 
     ``state_dict()`` holds the base optimizer's state (momentum buffers) and SAM's
-    settings; the remembered ``w`` exists only between the two steps and is not saved.
+    settings; the remembered ``w`` matters only between the two steps and is not saved.
     """
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, **base_kwargs):
@@ -36,6 +36,8 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups  # one set of groups: lr changes reach both
         self.defaults.update(self.base_optimizer.defaults)
+        self._saved: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> its w while at w + e_w
+        self._perturbed: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []  # (params, saved) since first_step
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
@@ -52,8 +54,11 @@ class SAM(torch.optim.Optimizer):
                 if not params:
                     continue
                 scale = group["rho"] / (grad_norm + 1e-12)
-                for p in params:
-                    self.state[p]["old_p"] = p.detach().clone()
+                # w is remembered in buffers kept from step to step: a fresh copy of every parameter at
+                # each step costs allocation and page faults that are a visible share of a CPU step
+                saved = [self._buffer(p) for p in params]
+                torch._foreach_copy_(saved, params)
+                self._perturbed.append((params, saved))
                 # T(w)^2 g = T(w) * (T(w) g)
                 e_w = torch._foreach_mul(torch._foreach_abs(params), scaled) if group["adaptive"] else [g.clone() for g in scaled]
                 torch._foreach_mul_(e_w, scale.to(params[0].dtype))
@@ -61,13 +66,17 @@ class SAM(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
+    def _buffer(self, p: torch.Tensor) -> torch.Tensor:
+        buf = self._saved.get(p)
+        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+            buf = self._saved[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+        return buf
+
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                old = self.state[p].pop("old_p", None)
-                if old is not None:
-                    p.copy_(old)
+        for params, saved in self._perturbed:
+            torch._foreach_copy_(params, saved)
+        self._perturbed.clear()
         self.base_optimizer.step()
         if zero_grad:
             self.zero_grad(set_to_none=True)
