@@ -231,11 +231,15 @@ def run_one(folder: Path, label: str, n: int, max_concurrent: int, dashboard: bo
     }
 
 
-def _local_cluster() -> None:
-    """Bring the local Slurm cluster up (idempotent) and take its environment (``make bench``)."""
+def _local_cluster() -> bool:
+    """Bring the local Slurm cluster up (idempotent) and take its environment (``make bench``).
+
+    Returns whether this call started it (then :func:`main` takes it down at the end).
+    """
     import shlex
 
     script = REPO / "slurm" / "local-cluster"
+    was_up = subprocess.run([str(script), "status"], capture_output=True).returncode == 0
     up = subprocess.run([str(script), "up"], capture_output=True, text=True)
     if up.returncode != 0:
         raise SystemExit(f"slurm/local-cluster up failed:\n{up.stdout}\n{up.stderr}")
@@ -244,6 +248,7 @@ def _local_cluster() -> None:
         if line.startswith("export ") and "=" in line:
             key, value = line[len("export "):].split("=", 1)
             os.environ[key] = shlex.split(value)[0] if value else ""
+    return not was_up
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,8 +259,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="max_concurrent values of the memory sweeps")
     p.add_argument("--output", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    if not os.environ.get("SLURM_CONF"):
-        _local_cluster()
+    started = _local_cluster() if not os.environ.get("SLURM_CONF") else False
+    try:
+        return measure(args)
+    finally:
+        if started:  # leave the machine as it was
+            subprocess.run([str(REPO / "slurm" / "local-cluster"), "down"], capture_output=True)
+
+
+def measure(args: argparse.Namespace) -> int:
     from ltssl.launch import slurm
 
     if "cpu" not in slurm.partitions():
