@@ -23,6 +23,7 @@ import pytest
 from ltssl.config import load_config
 from ltssl.launch import JobCancelledError, JobFailedError, JobHandle, LaunchError, submit
 from ltssl.launch import toy
+from waiting import wait_until
 
 pytestmark = pytest.mark.slurm
 
@@ -72,16 +73,6 @@ def attempts(run_dir: Path) -> int:
         return len(json.loads((run_dir / "job.json").read_text()).get("attempts", []))
     except (FileNotFoundError, json.JSONDecodeError):
         return 0
-
-
-def wait_until(predicate, timeout: float, what: str, poll: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def squeue_ids() -> set[str]:

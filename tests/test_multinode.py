@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from ltssl.config import load_config
 from ltssl.launch import JobFailedError, submit
+from waiting import wait_until
 
 pytestmark = pytest.mark.two_nodes
 
@@ -127,17 +128,6 @@ def slurm(*args: str) -> str:
 
 def squeue_state(job_id: str) -> str:
     return slurm("squeue", "-h", "-j", job_id, "--states=all", "-o", "%T").strip() or "GONE"
-
-
-def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(poll_s)
 
 
 def nodes_idle() -> bool:
@@ -307,7 +297,7 @@ def test_node_crash_requeues_and_resumes_from_checkpoint(ddp_run, data_cache, tm
     run_dir = tmp_path / "run"
     handle = submit(make_cfg(data_cache), run_dir, target=TARGET, target_kwargs={"step_sleep_s": 0.25})
     checkpoint = run_dir / "checkpoints" / "last.pt"
-    wait_until(checkpoint.exists, JOB_TIMEOUT_S, "the first checkpoint", poll_s=0.05)
+    wait_until(checkpoint.exists, JOB_TIMEOUT_S, "the first checkpoint", poll=0.05)
     assert not (run_dir / "result.json").exists()
 
     # Node n2 crashes: every process in it dies at once; the operator (or the health check) marks it down.
@@ -357,7 +347,7 @@ def test_node_crash_without_requeue_fails_within_seconds(cluster, data_cache, tm
     run_dir = tmp_path / "run"
     cfg = make_cfg(data_cache, **{"launch.requeue_on_node_failure": False, "optim.name": "sgd"})
     handle = submit(cfg, run_dir, target=TARGET, target_kwargs={"step_sleep_s": 0.25})
-    wait_until(lambda: (run_dir / "shards" / "rank1.jsonl").exists(), JOB_TIMEOUT_S, "rank 1 training", poll_s=0.05)
+    wait_until(lambda: (run_dir / "shards" / "rank1.jsonl").exists(), JOB_TIMEOUT_S, "rank 1 training", poll=0.05)
     crashed = time.monotonic()
     netns("crash", "n2")
     try:

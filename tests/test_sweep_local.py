@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from test_sweep_standin import FAIL_RHO, TARGET
+from waiting import wait_until
 
 TESTS = Path(__file__).resolve().parent
 
@@ -85,7 +86,7 @@ def test_local_sweep_asha_stops_within_groups_failures_are_recorded(tmp_path):
 
 def test_resume_after_the_driver_is_killed_runs_every_trial_exactly_once(tmp_path):
     """SIGKILL the driver mid-sweep, then --resume: finished trials are kept, the others continue."""
-    from test_sweep_standin import checkpoint_epoch, kill_pids, ledger_records, ray_orphans, start_driver, sweep_env, wait_for
+    from test_sweep_standin import checkpoint_epoch, kill_pids, ledger_records, ray_orphans, start_driver, sweep_env
 
     sweep = sweep_file(tmp_path, grid={"rho": [1.0, 0.5, 0.3]}, max_concurrent=2)
     sweep.write_text(sweep.read_text().replace("epochs: 3", "epochs: 5"))
@@ -101,7 +102,7 @@ def test_resume_after_the_driver_is_killed_runs_every_trial_exactly_once(tmp_pat
                    and 1 <= checkpoint_epoch(Path(r["run_dir"])) <= 2]
         return (done, running) if done and running else None
 
-    done_before, running_before = wait_for(mid_sweep, 180, "a completed and a running trial")
+    done_before, running_before = wait_until(mid_sweep, 180, "a completed and a running trial")
     driver.kill()
     driver.wait()
     time.sleep(2)

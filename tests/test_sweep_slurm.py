@@ -30,8 +30,8 @@ from test_sweep_standin import (
     ray_orphans,
     start_driver,
     sweep_env,
-    wait_for,
 )
+from waiting import wait_until
 
 pytestmark = pytest.mark.slurm
 
@@ -75,7 +75,7 @@ def test_asha_cancels_the_jobs_of_stopped_trials_and_a_failed_job_fails_only_its
     assert set(df["partition"]) == {"cpu"} and df["node_list"].notna().all()
     stopped = df[df["status"] == "stopped_early"]["slurm_job_id"].tolist()
     # the stopped trials' jobs were cancelled: gone from squeue (Slurm's KillWait is 5 s here)
-    wait_for(lambda: not (set(stopped) & squeue_ids()), 30, f"jobs {stopped} to leave squeue")
+    wait_until(lambda: not (set(stopped) & squeue_ids()), 30, f"jobs {stopped} to leave squeue")
     for job_id in stopped:
         assert sacct_state(job_id) == "CANCELLED", job_id
     for trial, row in df[df["status"] == "stopped_early"].iterrows():
@@ -102,7 +102,7 @@ def test_resume_reattaches_to_running_jobs_and_the_dashboard_needs_its_token(slu
                           env, log1)
     try:
         # --partition turns the dashboard on: bound to 127.0.0.1, token authentication on
-        url = wait_for(lambda: re.search(r"dashboard (http://127\.0\.0\.1:\d+)", log1.read_text()), 120,
+        url = wait_until(lambda: re.search(r"dashboard (http://127\.0\.0\.1:\d+)", log1.read_text()), 120,
                        "the dashboard URL")[1]
         assert "paste the token from" in log1.read_text() and "ssh -N -L" in log1.read_text()
         with pytest.raises(urllib.error.HTTPError) as refused:
@@ -122,7 +122,7 @@ def test_resume_reattaches_to_running_jobs_and_the_dashboard_needs_its_token(slu
                        and 1 <= checkpoint_epoch(Path(r["run_dir"])) <= 2]
             return (done, running) if done and running else None
 
-        done_before, running_before = wait_for(mid_sweep, 240, "a completed and a running trial")
+        done_before, running_before = wait_until(mid_sweep, 240, "a completed and a running trial")
     finally:
         driver.kill()
         driver.wait()

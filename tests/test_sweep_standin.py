@@ -156,16 +156,6 @@ def ledger_records(output_dir: Path) -> dict[str, dict]:
     return out
 
 
-def wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-
-
 def checkpoint_epoch(run_dir: Path) -> int:
     """The epoch of the stand-in's last checkpoint in ``run_dir`` (0 without one)."""
     try:
