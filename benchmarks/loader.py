@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.torch_threads)
-    from ltssl.config import atomic_write_text
+    from ltssl.io import atomic_write_text
     from ltssl.data.augment import RECIPES, Recipe
     from ltssl.data.ffcv import SSLLoader, _import_ffcv, write_beton
     from ltssl.data.reference import reference_loader

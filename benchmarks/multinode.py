@@ -36,7 +36,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ltssl.config import atomic_write_text, load_config  # noqa: E402
+from ltssl.config import load_config  # noqa: E402
+from ltssl.io import atomic_write_text  # noqa: E402
 
 LOCAL_CLUSTER = REPO / "slurm" / "local-cluster"
 NETNS = REPO / "slurm" / "lib" / "netns.sh"

@@ -39,7 +39,8 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from ltssl.config import atomic_write_text, load_config  # noqa: E402
+from ltssl.config import load_config  # noqa: E402
+from ltssl.io import atomic_write_text  # noqa: E402
 
 
 def main(argv=None) -> int:

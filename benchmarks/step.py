@@ -40,7 +40,8 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ltssl.config import atomic_write_text, load_config  # noqa: E402
+from ltssl.config import load_config  # noqa: E402
+from ltssl.io import atomic_write_text  # noqa: E402
 from ltssl.eval import extract_features  # noqa: E402
 from ltssl.methods import build_method  # noqa: E402
 from ltssl.optim import SampleWeights, build_optimizer, kde_weights  # noqa: E402

@@ -23,15 +23,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ltssl.io import atomic_write_parquet
+
 RESULTS_FILE = "results.parquet"
 METRICS_FILE = "metrics.parquet"
+
+#: Every status a results row can have (a trial that is over, or was interrupted).
+RESULT_STATUSES = ("completed", "stopped_early", "failed", "cancelled")
 
 
 def _field(name: str, type_: pa.DataType, description: str) -> pa.Field:
@@ -279,19 +283,7 @@ def metrics_table(rows: list[dict], *, sweep_id: str = "") -> pa.Table:
 
 def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
     """Write ``table`` so a reader sees the old file or the whole new one, never a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_parquet(path, table)
 
 
 class ResultsWriter:
@@ -327,7 +319,6 @@ class ResultsWriter:
 
     def write(self, records: list[dict]) -> tuple[Path, Path]:
         """Write both files from the ledger ``records``; rows only for trials that are over."""
-        from ltssl.sweep.ledger import RESULT_STATUSES
 
         rows, mrows = [], []
         for record in records:

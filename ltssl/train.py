@@ -56,7 +56,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ltssl.config import Config, ConfigError, atomic_write_text, save_config, to_dict
+from ltssl.config import Config, ConfigError, save_config, to_dict
+from ltssl.io import atomic_torch_save, atomic_write_text
 from ltssl.eval import accuracy, extract_features, group_accuracy, knn_predict, linear_report, per_class_accuracy
 from ltssl.methods import method_class
 from ltssl.models import check_backbone
@@ -379,16 +380,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if not self.is_main:
             return
-        path = self.ckpt_path
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as fh:
-                torch.save(self.state(), fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_torch_save(self.ckpt_path, self.state())
 
     def load_checkpoint(self) -> None:
         # on the CPU: RNG states must stay CPU tensors; load_state_dict copies onto the model's device

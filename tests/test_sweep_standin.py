@@ -21,7 +21,8 @@ import signal
 import time
 from pathlib import Path
 
-from ltssl.config import atomic_write_text, load_config
+from ltssl.config import load_config
+from ltssl.io import atomic_write_text
 
 FAIL_RHO = 0.0123
 TARGET = "test_sweep_standin:train"

@@ -229,7 +229,7 @@ def write_beton(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    from ltssl.config import atomic_write_text
+    from ltssl.io import atomic_write_text
 
     atomic_write_text(meta_path(path), json.dumps(meta, indent=1))
     return meta

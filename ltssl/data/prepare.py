@@ -326,14 +326,14 @@ def write_betons(out_dir: str | os.PathLike, *, num_workers: int = 1, source: So
         files[split] = {"path": f"{split}.beton", **meta}
     manifest["files"] = files
     manifest["complete"] = True
-    from ltssl.config import atomic_write_text
+    from ltssl.io import atomic_write_text
 
     atomic_write_text(mpath, json.dumps(manifest))
     return manifest
 
 
 def _link_beton(src: Path, dst: Path) -> None:
-    from ltssl.config import atomic_write_text
+    from ltssl.io import atomic_write_text
 
     from .ffcv import meta_path
 
@@ -344,7 +344,7 @@ def _link_beton(src: Path, dst: Path) -> None:
 
 
 def write_manifest(manifest: dict, out_dir: str | os.PathLike) -> Path:
-    from ltssl.config import atomic_write_text
+    from ltssl.io import atomic_write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -379,7 +379,7 @@ def analyze(output_dir: str | Path, report_dir: str | Path | None = None, *, dev
     """
     import pandas as pd
 
-    from ltssl.config import atomic_write_text
+    from ltssl.io import atomic_write_text
     from ltssl.results import read_results
 
     output_dir = Path(output_dir)

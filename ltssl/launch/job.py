@@ -28,7 +28,8 @@ from typing import Any, Callable
 
 import submitit
 
-from ltssl.config import Config, atomic_write_text
+from ltssl.config import Config
+from ltssl.io import atomic_write_text
 
 DEFAULT_TARGET = "ltssl.train:train"
 

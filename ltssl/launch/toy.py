@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ltssl.config import Config, atomic_write_text
+from ltssl.config import Config
+from ltssl.io import atomic_write_text
 
 _MODULUS = 2_147_483_647
 _RUNNING: dict[str, Any] | None = None  # {"run_dir": Path, "step": int, "value": int} while training

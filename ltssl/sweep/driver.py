@@ -42,8 +42,9 @@ from typing import Any
 
 import yaml
 
-from ltssl.config import atomic_write_text
-from ltssl.sweep.ledger import DETACH_MARKER, RESULT_STATUSES, Ledger
+from ltssl.io import atomic_write_text
+from ltssl.results import RESULT_STATUSES
+from ltssl.sweep.ledger import DETACH_MARKER, Ledger
 from ltssl.sweep.spec import SweepError, SweepSpec, load_sweep
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

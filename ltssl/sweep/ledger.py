@@ -26,12 +26,11 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from ltssl.config import atomic_write_text
+from ltssl.io import atomic_write_text
+from ltssl.results import RESULT_STATUSES
 
 #: Statuses of a trial that is over: a resumed sweep does not run it again.
 FINISHED = ("completed", "stopped_early", "failed")
-#: Every status a results row can have.
-RESULT_STATUSES = ("completed", "stopped_early", "failed", "cancelled")
 STATUSES = ("pending", "submitting", "running") + RESULT_STATUSES
 #: Written into the sweep folder by a driver that stops on SIGTERM: trials leave their jobs running.
 DETACH_MARKER = ".detached"
