@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import DataError
+
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
 
 
@@ -51,8 +53,6 @@ RECIPES = {
 
 def get_recipe(name: "str | Recipe") -> Recipe:
     """A recipe by name (``cifar``, ``imagenet``), or a :class:`Recipe` given as is."""
-    from .errors import DataError
-
     if isinstance(name, Recipe):
         return name
     if name not in RECIPES:

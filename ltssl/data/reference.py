@@ -12,7 +12,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
 
 from .augment import Recipe, get_recipe
 from .errors import DataError
@@ -24,8 +26,6 @@ def build_transform(recipe: Recipe, image_size: int, mean: Sequence[float], std:
 
     aspect: W/H of the source; the crop's ratio range is relative to it (1 for square images).
     """
-    from torchvision import transforms as T
-
     ratio = (recipe.crop_ratio[0] * aspect, recipe.crop_ratio[1] * aspect)
     ops = [
         T.RandomResizedCrop(image_size, scale=recipe.crop_scale, ratio=ratio, antialias=True),
@@ -70,8 +70,6 @@ class ReferenceDataset(Dataset):
 
     def __getitem__(self, i: int):
         if self.backend == "pil":
-            from PIL import Image
-
             img = Image.fromarray(self.images[i])
         else:
             img = torch.from_numpy(self.images[i]).permute(2, 0, 1)
