@@ -1,7 +1,7 @@
 """A sweep's results: one row per trial in ``results.parquet``, every metrics line in ``metrics.parquet``.
 
-Both files live in the sweep's output folder and are rewritten atomically (temp file + rename)
-each time a trial finishes, so they can be opened at any moment of a running sweep::
+Both files live in the sweep's output folder and are rewritten atomically (temp file + rename),
+so they can be opened at any moment of a running sweep::
 
     import pandas as pd
     df = pd.read_parquet("results/digits_lt-default-20261124-101500/results.parquet")
@@ -16,18 +16,27 @@ trial leaves behind (the sweep ledger, ``run_dir/result.json``, ``run_dir/metric
 ``run_dir/job.json``), never from Ray Tune's own records, so a resumed sweep writes the same
 rows. Accuracies are fractions in [0, 1]. The parquet key-value metadata holds ``sweep_id``,
 ``metric`` and ``mode`` of the sweep (the analysis reads them).
+
+Cost per finished trial is flat (:meth:`ResultsWriter.add`): a trial's rows are built once, from
+its own files, and kept as Arrow tables; results.parquet is then re-encoded from those tables in
+C++ (no Python work per earlier trial), and metrics.parquet, which grows with every line of every
+trial, is rewritten only when the time since its last rewrite is at least
+:data:`METRICS_REWRITE_RATIO` times what that rewrite took (and always by :meth:`ResultsWriter.write`).
+
+Importing this module is cheap: pyarrow (about 100 MB of a process) is imported on first use of
+a schema, a table or a file, because the sweep ledger and the trial actors import
+:data:`RESULT_STATUSES` and :func:`parse_json_lines` from here and need nothing else.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
-
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ltssl.io import atomic_write_parquet
 
@@ -37,79 +46,109 @@ METRICS_FILE = "metrics.parquet"
 #: Every status a results row can have (a trial that is over, or was interrupted).
 RESULT_STATUSES = ("completed", "stopped_early", "failed", "cancelled")
 
-
-def _field(name: str, type_: pa.DataType, description: str) -> pa.Field:
-    return pa.field(name, type_, nullable=True, metadata={"description": description})
-
+#: metrics.parquet is rewritten by :meth:`ResultsWriter.add` only when at least this many times
+#: its last rewrite's duration has passed since: its share of the driver's time stays under 1/20.
+METRICS_REWRITE_RATIO = 20.0
 
 #: One row per finished trial (completed, stopped_early, failed or cancelled).
-RESULTS_SCHEMA = pa.schema(
-    [
-        _field("sweep_id", pa.string(), "the sweep's id: its output folder's name"),
-        _field("trial_id", pa.string(), "trial id within the sweep (t0000, t0001, ...); its run_dir is trials/<trial_id>"),
-        _field("status", pa.string(), "completed, stopped_early (by the scheduler), failed, or cancelled (the sweep was interrupted)"),
-        _field("error", pa.string(), "failed/cancelled: the error, with the job's remote traceback; else null"),
-        _field("group", pa.string(), "the scheduler's comparison group, e.g. digits/r=10/lt/simsiam"),
-        _field("dataset", pa.string(), "data.dataset"),
-        _field("imbalance_ratio", pa.float64(), "data.imbalance_ratio: n_max / n_min of the training set"),
-        _field("n_train", pa.int64(), "training images (result.json; null when the trial never finished)"),
-        _field("method", pa.string(), "method.name: simsiam, simclr, moco_v2, supervised"),
-        _field("optimizer", pa.string(), "optim.name: sgd, sam, rwsam"),
-        _field("rho", pa.float64(), "optim.rho: SAM/rwSAM perturbation radius (null for sgd)"),
-        _field("adaptive", pa.bool_(), "optim.adaptive: ASAM scaling (null for sgd)"),
-        _field("weighting", pa.string(), "optim.weighting: none, label_power, kde (null unless optimizer is rwsam)"),
-        _field("label_power_base", pa.float64(), "optim.label_power_base (null unless weighting is label_power)"),
-        _field("kde_alpha", pa.float64(), "optim.kde_alpha (null unless weighting is kde)"),
-        _field("kde_bandwidth", pa.float64(), "optim.kde_bandwidth (null unless weighting is kde)"),
-        _field("balanced", pa.bool_(), "data.balanced: the balanced subset with the LT subset's n (for Delta(n, r))"),
-        _field("seed", pa.int64(), "train.seed"),
-        _field("epochs_run", pa.int64(), "epochs trained (for a trial that did not complete: the last evaluated epoch)"),
-        _field("knn_acc", pa.float64(), "kNN accuracy on the balanced test set (last evaluation for a stopped trial)"),
-        _field("linear_acc", pa.float64(), "linear-probe accuracy on the balanced test set"),
-        _field("acc_many", pa.float64(), "linear-probe accuracy over the many-shot classes"),
-        _field("acc_medium", pa.float64(), "linear-probe accuracy over the medium-shot classes"),
-        _field("acc_few", pa.float64(), "linear-probe accuracy over the few-shot classes"),
-        _field("ood_linear_acc", pa.float64(), "linear-probe accuracy on the out-of-domain dataset (null without one)"),
-        _field("per_class_acc", pa.list_(pa.float64()), "linear-probe accuracy per class, indexed by class id"),
-        _field("class_counts", pa.list_(pa.int64()), "training images per class, indexed by class id"),
-        _field("final_loss", pa.float64(), "training loss at the end"),
-        _field("train_time_s", pa.float64(), "training wall time in seconds (metrics span for unfinished trials)"),
-        _field("slurm_job_id", pa.string(), "the last job's id (Slurm job id; local runs: the local controller's pid)"),
-        _field("partition", pa.string(), "Slurm partition; null for local runs"),
-        _field("nodes", pa.int64(), "launch.nodes"),
-        _field("gpus", pa.int64(), "GPUs of the job: launch.nodes x launch.gpus_per_node"),
-        _field("node_list", pa.string(), "nodes the job ran on"),
-        _field("git_commit", pa.string(), "commit of the code that submitted the job"),
-        _field("params_json", pa.string(), "JSON of this trial's sweep axes (dotted key -> value)"),
-        _field("config_json", pa.string(), "JSON of the fully resolved training config"),
-        _field("run_dir", pa.string(), "the trial's folder: config.yaml, metrics.jsonl, checkpoints/, result.json, job.json"),
-    ]
+RESULTS_COLUMNS = (
+    ("sweep_id", "string", "the sweep's id: its output folder's name"),
+    ("trial_id", "string", "trial id within the sweep (t0000, t0001, ...); its run_dir is trials/<trial_id>"),
+    ("status", "string", "completed, stopped_early (by the scheduler), failed, or cancelled (the sweep was interrupted)"),
+    ("error", "string", "failed/cancelled: the error, with the job's remote traceback; else null"),
+    ("group", "string", "the scheduler's comparison group, e.g. digits/r=10/lt/simsiam"),
+    ("dataset", "string", "data.dataset"),
+    ("imbalance_ratio", "float64", "data.imbalance_ratio: n_max / n_min of the training set"),
+    ("n_train", "int64", "training images (result.json; null when the trial never finished)"),
+    ("method", "string", "method.name: simsiam, simclr, moco_v2, supervised"),
+    ("optimizer", "string", "optim.name: sgd, sam, rwsam"),
+    ("rho", "float64", "optim.rho: SAM/rwSAM perturbation radius (null for sgd)"),
+    ("adaptive", "bool", "optim.adaptive: ASAM scaling (null for sgd)"),
+    ("weighting", "string", "optim.weighting: none, label_power, kde (null unless optimizer is rwsam)"),
+    ("label_power_base", "float64", "optim.label_power_base (null unless weighting is label_power)"),
+    ("kde_alpha", "float64", "optim.kde_alpha (null unless weighting is kde)"),
+    ("kde_bandwidth", "float64", "optim.kde_bandwidth (null unless weighting is kde)"),
+    ("balanced", "bool", "data.balanced: the balanced subset with the LT subset's n (for Delta(n, r))"),
+    ("seed", "int64", "train.seed"),
+    ("epochs_run", "int64", "epochs trained (for a trial that did not complete: the last evaluated epoch)"),
+    ("knn_acc", "float64", "kNN accuracy on the balanced test set (last evaluation for a stopped trial)"),
+    ("linear_acc", "float64", "linear-probe accuracy on the balanced test set"),
+    ("acc_many", "float64", "linear-probe accuracy over the many-shot classes"),
+    ("acc_medium", "float64", "linear-probe accuracy over the medium-shot classes"),
+    ("acc_few", "float64", "linear-probe accuracy over the few-shot classes"),
+    ("ood_linear_acc", "float64", "linear-probe accuracy on the out-of-domain dataset (null without one)"),
+    ("per_class_acc", "list<float64>", "linear-probe accuracy per class, indexed by class id"),
+    ("class_counts", "list<int64>", "training images per class, indexed by class id"),
+    ("final_loss", "float64", "training loss at the end"),
+    ("train_time_s", "float64", "training wall time in seconds (metrics span for unfinished trials)"),
+    ("slurm_job_id", "string", "the last job's id (Slurm job id; local runs: the local controller's pid)"),
+    ("partition", "string", "Slurm partition; null for local runs"),
+    ("nodes", "int64", "launch.nodes"),
+    ("gpus", "int64", "GPUs of the job: launch.nodes x launch.gpus_per_node"),
+    ("node_list", "string", "nodes the job ran on"),
+    ("git_commit", "string", "commit of the code that submitted the job"),
+    ("params_json", "string", "JSON of this trial's sweep axes (dotted key -> value)"),
+    ("config_json", "string", "JSON of the fully resolved training config"),
+    ("run_dir", "string", "the trial's folder: config.yaml, metrics.jsonl, checkpoints/, result.json, job.json"),
 )
 
 #: Fixed columns of metrics.parquet; any other numeric key of a metrics line becomes a float64 column.
-METRICS_SCHEMA = pa.schema(
-    [
-        _field("sweep_id", pa.string(), "the sweep's id"),
-        _field("trial_id", pa.string(), "trial id (joins results.parquet)"),
-        _field("epoch", pa.int64(), "1-based epoch the line belongs to"),
-        _field("step", pa.int64(), "global optimizer step"),
-        _field("time", pa.float64(), "unix time of the line in seconds"),
-        _field("final", pa.bool_(), "true on the trial's last line (which carries the result keys)"),
-        _field("loss", pa.float64(), "training loss (step lines)"),
-        _field("lr", pa.float64(), "learning rate (step lines)"),
-        _field("images_per_s", pa.float64(), "training throughput (step lines)"),
-        _field("weight_mean", pa.float64(), "mean rwSAM sample weight in the batch (step lines)"),
-        _field("weight_max", pa.float64(), "largest rwSAM sample weight in the batch (step lines)"),
-        _field("knn_acc", pa.float64(), "kNN accuracy (evaluation lines)"),
-        _field("linear_acc", pa.float64(), "linear-probe accuracy (final line)"),
-    ]
+METRICS_COLUMNS = (
+    ("sweep_id", "string", "the sweep's id"),
+    ("trial_id", "string", "trial id (joins results.parquet)"),
+    ("epoch", "int64", "1-based epoch the line belongs to"),
+    ("step", "int64", "global optimizer step"),
+    ("time", "float64", "unix time of the line in seconds"),
+    ("final", "bool", "true on the trial's last line (which carries the result keys)"),
+    ("loss", "float64", "training loss (step lines)"),
+    ("lr", "float64", "learning rate (step lines)"),
+    ("images_per_s", "float64", "training throughput (step lines)"),
+    ("weight_mean", "float64", "mean rwSAM sample weight in the batch (step lines)"),
+    ("weight_max", "float64", "largest rwSAM sample weight in the batch (step lines)"),
+    ("knn_acc", "float64", "kNN accuracy (evaluation lines)"),
+    ("linear_acc", "float64", "linear-probe accuracy (final line)"),
 )
+
+
+def _pa():
+    """pyarrow, imported on first use (deferred: see the module docstring)."""
+    import pyarrow  # pylint: disable=import-outside-toplevel
+
+    return pyarrow
+
+
+def _arrow_type(name: str):
+    pa = _pa()
+    types = {"string": pa.string(), "float64": pa.float64(), "int64": pa.int64(), "bool": pa.bool_(),
+             "list<float64>": pa.list_(pa.float64()), "list<int64>": pa.list_(pa.int64())}
+    return types[name]
+
+
+def _field(name: str, type_name: str, description: str):
+    return _pa().field(name, _arrow_type(type_name), nullable=True, metadata={"description": description})
+
+
+@functools.lru_cache(maxsize=None)
+def _schema(which: str):
+    columns = RESULTS_COLUMNS if which == "results" else METRICS_COLUMNS
+    return _pa().schema([_field(*column) for column in columns])
+
+
+def __getattr__(name: str):
+    """``RESULTS_SCHEMA`` and ``METRICS_SCHEMA``, built (with pyarrow) on first access."""
+    if name == "RESULTS_SCHEMA":
+        return _schema("results")
+    if name == "METRICS_SCHEMA":
+        return _schema("metrics")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _RESULT_KEYS = ("knn_acc", "linear_acc", "acc_many", "acc_medium", "acc_few", "ood_linear_acc", "final_loss", "train_time_s")
 
 
-def describe_schema(schema: pa.Schema = RESULTS_SCHEMA) -> list[tuple[str, str, str]]:
-    """(column, type, description) of every field: the README's table."""
+def describe_schema(schema=None) -> list[tuple[str, str, str]]:
+    """(column, type, description) of every field of ``schema`` (default RESULTS_SCHEMA): the README's table."""
+    schema = _schema("results") if schema is None else schema
     return [(f.name, str(f.type), (f.metadata or {}).get(b"description", b"").decode()) for f in schema]
 
 
@@ -177,30 +216,14 @@ def _int(value: Any) -> int | None:
     return None if v is None else int(v)
 
 
-def result_row(record: dict, sweep_id: str, metrics: list[dict] | None = None) -> dict:
-    """The results row of one ledger record (see :class:`ltssl.sweep.ledger.Ledger`)."""
-    cfg = record.get("config") or {}
+def _config_fields(cfg: dict) -> dict[str, Any]:
+    """The results columns taken from a trial's resolved config; settings the optimizer does not
+    use are null, so that grouping by them cannot mislead (SGD has no rho and no adaptive scaling;
+    only rwSAM weights its ascent loss)."""
     data, method, optim, launch = (cfg.get(k, {}) for k in ("data", "method", "optim", "launch"))
-    train = cfg.get("train", {})
-    run_dir = Path(record.get("run_dir") or "")
-    result = _read_json(run_dir / "result.json") if record.get("status") == "completed" else {}
-    job = _read_json(run_dir / "job.json")
-    if metrics is None:
-        metrics = read_jsonl(run_dir / "metrics.jsonl")
-    last_eval = next((m for m in reversed(metrics) if _num(m.get("knn_acc")) is not None), {})
-    # An unfinished trial's epochs: the last evaluated one (later lines may be of an epoch cut short).
-    epochs_seen = _int(last_eval.get("epoch")) if last_eval else (0 if metrics else None)
-    times = [t for t in (_num(m.get("time")) for m in metrics) if t is not None]
-
     row: dict[str, Any] = {
-        "sweep_id": sweep_id,
-        "trial_id": record.get("trial_id"),
-        "status": record.get("status"),
-        "error": record.get("error"),
-        "group": record.get("group"),
         "dataset": data.get("dataset"),
         "imbalance_ratio": _num(data.get("imbalance_ratio")),
-        "n_train": _int(result.get("n_train")),
         "method": method.get("name"),
         "optimizer": optim.get("name"),
         "rho": _num(optim.get("rho")),
@@ -210,22 +233,11 @@ def result_row(record: dict, sweep_id: str, metrics: list[dict] | None = None) -
         "kde_alpha": _num(optim.get("kde_alpha")),
         "kde_bandwidth": _num(optim.get("kde_bandwidth")),
         "balanced": data.get("balanced"),
-        "seed": _int(train.get("seed")),
-        "epochs_run": _int(result.get("epochs_run")) if result.get("epochs_run") is not None else epochs_seen,
-        "per_class_acc": [float(x) for x in result["per_class_acc"]] if isinstance(result.get("per_class_acc"), list) else None,
-        "class_counts": [int(x) for x in result["class_counts"]] if isinstance(result.get("class_counts"), list) else None,
-        "slurm_job_id": str(record.get("job_id") or job.get("job_id") or "") or None,
+        "seed": _int(cfg.get("train", {}).get("seed")),
         "partition": launch.get("partition"),
         "nodes": _int(launch.get("nodes")),
         "gpus": (_int(launch.get("nodes")) or 0) * (_int(launch.get("gpus_per_node")) or 0),
-        "node_list": job.get("node_list"),
-        "git_commit": job.get("git_commit"),
-        "params_json": json.dumps(record.get("params") or {}, sort_keys=True, default=str),
-        "config_json": json.dumps(cfg, sort_keys=True, default=str),
-        "run_dir": str(run_dir) if record.get("run_dir") else None,
     }
-    # Settings the optimizer does not use are null, so that grouping by them cannot mislead:
-    # SGD has no rho and no adaptive scaling; only rwSAM weights its ascent loss.
     if row["optimizer"] == "sgd":
         row["rho"] = row["adaptive"] = None
     if row["optimizer"] != "rwsam":
@@ -234,14 +246,53 @@ def result_row(record: dict, sweep_id: str, metrics: list[dict] | None = None) -
         row["label_power_base"] = None
     if row["optimizer"] != "rwsam" or row["weighting"] != "kde":
         row["kde_alpha"] = row["kde_bandwidth"] = None
-    for key in _RESULT_KEYS:
-        row[key] = _num(result.get(key))
+    return row
+
+
+def _outcome_fields(result: dict, metrics: list[dict]) -> dict[str, Any]:
+    """The results columns taken from result.json, or for a trial that did not complete from its
+    metrics lines (last evaluation, metrics time span)."""
+    last_eval = next((m for m in reversed(metrics) if _num(m.get("knn_acc")) is not None), {})
+    # An unfinished trial's epochs: the last evaluated one (later lines may be of an epoch cut short).
+    epochs_seen = _int(last_eval.get("epoch")) if last_eval else (0 if metrics else None)
+    times = [t for t in (_num(m.get("time")) for m in metrics) if t is not None]
+    row: dict[str, Any] = {key: _num(result.get(key)) for key in _RESULT_KEYS}
+    row["n_train"] = _int(result.get("n_train"))
+    row["epochs_run"] = _int(result.get("epochs_run")) if result.get("epochs_run") is not None else epochs_seen
+    row["per_class_acc"] = [float(x) for x in result["per_class_acc"]] if isinstance(result.get("per_class_acc"), list) else None
+    row["class_counts"] = [int(x) for x in result["class_counts"]] if isinstance(result.get("class_counts"), list) else None
     if row["knn_acc"] is None:
         row["knn_acc"] = _num(last_eval.get("knn_acc"))
     if row["train_time_s"] is None and len(times) >= 2:
         row["train_time_s"] = max(times) - min(times)
     if row["n_train"] is None:
         row["n_train"] = _int(next((m.get("n_train") for m in reversed(metrics) if "n_train" in m), None))
+    return row
+
+
+def result_row(record: dict, sweep_id: str, metrics: list[dict] | None = None) -> dict:
+    """The results row of one ledger record (see :class:`ltssl.sweep.ledger.Ledger`)."""
+    cfg = record.get("config") or {}
+    run_dir = Path(record.get("run_dir") or "")
+    result = _read_json(run_dir / "result.json") if record.get("status") == "completed" else {}
+    job = _read_json(run_dir / "job.json")
+    if metrics is None:
+        metrics = read_jsonl(run_dir / "metrics.jsonl")
+    row: dict[str, Any] = {
+        "sweep_id": sweep_id,
+        "trial_id": record.get("trial_id"),
+        "status": record.get("status"),
+        "error": record.get("error"),
+        "group": record.get("group"),
+        **_config_fields(cfg),
+        **_outcome_fields(result, metrics),
+        "slurm_job_id": str(record.get("job_id") or job.get("job_id") or "") or None,
+        "node_list": job.get("node_list"),
+        "git_commit": job.get("git_commit"),
+        "params_json": json.dumps(record.get("params") or {}, sort_keys=True, default=str),
+        "config_json": json.dumps(cfg, sort_keys=True, default=str),
+        "run_dir": str(run_dir) if record.get("run_dir") else None,
+    }
     return row
 
 
@@ -267,30 +318,51 @@ def metrics_rows(lines: list[dict], sweep_id: str, trial_id: str) -> list[dict]:
 # --------------------------------------------------------------------------- tables and files
 
 
-def results_table(rows: list[dict], *, sweep_id: str = "", metric: str = "", mode: str = "") -> pa.Table:
-    columns = {f.name: [row.get(f.name) for row in rows] for f in RESULTS_SCHEMA}
-    table = pa.Table.from_pydict(columns, schema=RESULTS_SCHEMA)
+def results_table(rows: list[dict], *, sweep_id: str = "", metric: str = "", mode: str = ""):
+    """A ``pyarrow.Table`` of results rows, in :data:`RESULTS_SCHEMA`, with the sweep's metadata."""
+    schema = _schema("results")
+    columns = {f.name: [row.get(f.name) for row in rows] for f in schema}
+    table = _pa().Table.from_pydict(columns, schema=schema)
     return table.replace_schema_metadata({"sweep_id": sweep_id, "metric": metric, "mode": mode})
 
 
-def metrics_table(rows: list[dict], *, sweep_id: str = "") -> pa.Table:
-    fixed = [f.name for f in METRICS_SCHEMA]
+def metrics_table(rows: list[dict], *, sweep_id: str = ""):
+    """A ``pyarrow.Table`` of metrics rows: :data:`METRICS_SCHEMA`, then every other key as float64."""
+    pa = _pa()
+    fixed = [f.name for f in _schema("metrics")]
     extra = sorted({k for row in rows for k in row} - set(fixed))
-    schema = pa.schema(list(METRICS_SCHEMA) + [_field(k, pa.float64(), "a numeric field of the metrics line") for k in extra])
+    schema = pa.schema(list(_schema("metrics")) + [_field(k, "float64", "a numeric field of the metrics line") for k in extra])
     columns = {f.name: [row.get(f.name) for row in rows] for f in schema}
     return pa.Table.from_pydict(columns, schema=schema).replace_schema_metadata({"sweep_id": sweep_id})
 
 
-def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
+def _concat_metrics(tables: list, sweep_id: str):
+    """One metrics table from per-trial tables whose extra columns differ (missing ones null);
+    fixed columns first, then the extra ones sorted, as :func:`metrics_table` orders them."""
+    pa = _pa()
+    if not tables:
+        return metrics_table([], sweep_id=sweep_id)
+    merged = pa.concat_tables(tables, promote_options="default")
+    fixed = [f.name for f in _schema("metrics")]
+    order = fixed + sorted(set(merged.column_names) - set(fixed))
+    return merged.select(order).replace_schema_metadata({"sweep_id": sweep_id})
+
+
+def write_parquet_atomic(table, path: str | os.PathLike) -> Path:
     """Write ``table`` so a reader sees the old file or the whole new one, never a partial file."""
     return atomic_write_parquet(path, table)
 
 
 class ResultsWriter:
-    """Rebuilds results.parquet and metrics.parquet of a sweep folder from its ledger and trial files.
+    """Writes results.parquet and metrics.parquet of a sweep folder from its ledger records.
 
-    Metrics of trials that are over are parsed once and cached: a long sweep does not re-read
-    every metrics.jsonl at each trial's end.
+    Each trial's rows are built from its files once and kept as Arrow tables: a trial is parsed
+    again only when its ledger record or its metrics file changed, so the cost of one more
+    finished trial does not grow with the trials before it (see the module docstring).
+
+    * :meth:`add` (a trial has just ended): that trial's rows, results.parquet rewritten, and
+      metrics.parquet when its rewrite is due (:data:`METRICS_REWRITE_RATIO`);
+    * :meth:`write` (sweep start and end, a resume): every record, both files rewritten.
     """
 
     def __init__(self, output_dir: str | os.PathLike, sweep_id: str, metric: str = "", mode: str = ""):
@@ -298,39 +370,89 @@ class ResultsWriter:
         self.sweep_id = sweep_id
         self.metric = metric
         self.mode = mode
-        self._cache: dict[str, tuple[tuple, list[dict]]] = {}
+        self._rows: dict[str, tuple[tuple, Any]] = {}      # trial_id -> (record key, 1-row results table)
+        self._metrics: dict[str, tuple[tuple, Any]] = {}   # trial_id -> (metrics.jsonl stat, metrics table)
+        self._results_table = None                          # combined results, rebuilt when a row changes
+        self._metrics_due = 0.0                             # monotonic time from which a metrics rewrite is due
 
-    def _metrics(self, record: dict) -> list[dict]:
-        run_dir = record.get("run_dir")
-        if not run_dir:
-            return []
-        path = Path(run_dir) / "metrics.jsonl"
+    def _trial_metrics(self, record: dict) -> tuple[list[dict] | None, Any]:
+        """(parsed lines, or None when unchanged since the last call; the trial's metrics table)."""
+        trial_id = record["trial_id"]
+        path = Path(record.get("run_dir") or "") / "metrics.jsonl"
         try:
             stat = path.stat()
             key = (stat.st_size, stat.st_mtime_ns)
-        except FileNotFoundError:
-            return []
-        cached = self._cache.get(record["trial_id"])
+        except (FileNotFoundError, NotADirectoryError):
+            key = None
+        cached = self._metrics.get(trial_id)
         if cached is not None and cached[0] == key:
-            return cached[1]
-        lines = read_jsonl(path)
-        self._cache[record["trial_id"]] = (key, lines)
-        return lines
+            return None, cached[1]
+        lines = read_jsonl(path) if key is not None and record.get("run_dir") else []
+        table = metrics_table(metrics_rows(lines, self.sweep_id, trial_id), sweep_id=self.sweep_id)
+        self._metrics[trial_id] = (key, table)
+        return lines, table
+
+    def _update(self, record: dict) -> None:
+        """Refresh one trial's cached tables from its record and files (no-op when unchanged)."""
+        trial_id = record["trial_id"]
+        lines, _ = self._trial_metrics(record)
+        if record.get("status") not in RESULT_STATUSES:
+            if self._rows.pop(trial_id, None) is not None:
+                self._results_table = None
+        
+            return
+        key = (record.get("status"), record.get("updated"), record.get("error"))
+        cached = self._rows.get(trial_id)
+        if cached is not None and cached[0] == key and lines is None:
+            return
+        row = result_row(record, self.sweep_id, lines)
+        table = results_table([row], sweep_id=self.sweep_id, metric=self.metric, mode=self.mode)
+        if cached is None and self._results_table is not None:
+            self._results_table = _pa().concat_tables([self._results_table, table])  # the usual case: one more row
+        else:
+            self._results_table = None
+        self._rows[trial_id] = (key, table)
+
+    def _results(self):
+        """Every results row, ordered by trial id (rows are appended in the order trials end)."""
+        if self._results_table is None:
+            tables = [table for _, table in self._rows.values()]
+            self._results_table = (_pa().concat_tables(tables) if tables
+                                   else results_table([], sweep_id=self.sweep_id, metric=self.metric, mode=self.mode))
+        if self._results_table.column(0).num_chunks > 64:  # keep the column chunks few: encoding stays fast
+            self._results_table = self._results_table.combine_chunks()
+        return self._results_table.sort_by("trial_id")
+
+    def _write_metrics(self) -> Path:
+        started = time.monotonic()
+        tables = [self._metrics[k][1] for k in sorted(self._metrics)]
+        path = write_parquet_atomic(_concat_metrics(tables, self.sweep_id), self.output_dir / METRICS_FILE)
+        self._metrics_due = time.monotonic() + METRICS_REWRITE_RATIO * (time.monotonic() - started)
+        return path
+
+    def add(self, record: dict) -> tuple[Path, Path]:
+        """One trial's record after it ended (or changed): its rows, then the files (see the class)."""
+        self._update(record)
+        results = write_parquet_atomic(self._results(), self.output_dir / RESULTS_FILE)
+        metrics = self.output_dir / METRICS_FILE
+        if time.monotonic() >= self._metrics_due or not metrics.is_file():
+            metrics = self._write_metrics()
+        return results, metrics
 
     def write(self, records: list[dict]) -> tuple[Path, Path]:
-        """Write both files from the ledger ``records``; rows only for trials that are over."""
+        """Both files from every ledger record; results rows only for trials that are over, metrics
+        lines of every trial (the running ones too: learning curves of a live sweep)."""
+        seen = {record["trial_id"] for record in records}
+        for trial_id in [k for k in self._rows if k not in seen]:
+            del self._rows[trial_id]
+            self._results_table = None
 
-        rows, mrows = [], []
+        for trial_id in [k for k in self._metrics if k not in seen]:
+            del self._metrics[trial_id]
         for record in records:
-            lines = self._metrics(record)
-            mrows.extend(metrics_rows(lines, self.sweep_id, record["trial_id"]))
-            if record.get("status") in RESULT_STATUSES:
-                rows.append(result_row(record, self.sweep_id, lines))
-        results = write_parquet_atomic(
-            results_table(rows, sweep_id=self.sweep_id, metric=self.metric, mode=self.mode), self.output_dir / RESULTS_FILE
-        )
-        metrics = write_parquet_atomic(metrics_table(mrows, sweep_id=self.sweep_id), self.output_dir / METRICS_FILE)
-        return results, metrics
+            self._update(record)
+        results = write_parquet_atomic(self._results(), self.output_dir / RESULTS_FILE)
+        return results, self._write_metrics()
 
 
 def read_results(output_dir: str | os.PathLike):
@@ -347,12 +469,14 @@ def read_results(output_dir: str | os.PathLike):
     return results, metrics, meta
 
 
-def read_table(path: str | os.PathLike) -> pa.Table:
-    """Read a parquet file through one open file handle.
+def read_table(path: str | os.PathLike):
+    """Read a parquet file through one open file handle (a ``pyarrow.Table``).
 
     ``pq.read_table(path)`` (and ``pd.read_parquet(path)``) open the path twice, footer first
     and pages later; a rewrite that lands between the two opens makes that one read fail.
     Reading through one handle sees either the old file or the new one, whole.
     """
+    import pyarrow.parquet as pq  # deferred with pyarrow itself (module docstring)
+
     with open(path, "rb") as fh:
         return pq.ParquetFile(fh).read()
