@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ltssl.results import read_results
+
 ACC_COLUMNS = ["knn_acc", "linear_acc", "acc_many", "acc_medium", "acc_few", "ood_linear_acc"]
 SEED_AXES = {"train.seed", "data.seed"}
 BASE_KEYS = ["dataset", "method", "balanced", "imbalance_ratio"]
@@ -207,6 +209,7 @@ def delta_table(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def _plt():
+    # deferred: matplotlib is slow to import and only the plotting steps need it
     import matplotlib
 
     matplotlib.use("Agg")
@@ -414,8 +417,6 @@ def plot_learning_curves(results: pd.DataFrame, metrics: pd.DataFrame | None, me
 
 def analyze(output_dir: str | Path, report_dir: str | Path | None = None) -> Path:
     """Write the report folder of a sweep from its parquet files; returns the folder."""
-    from ltssl.results import read_results
-
     output_dir = Path(output_dir)
     results, metrics, meta = read_results(output_dir)
     folder = Path(report_dir) if report_dir is not None else output_dir / "report"

@@ -13,7 +13,7 @@ Four arms, all on the same data and encoder architecture:
 - ``ssl``: the SSL method of the sweep (SimSiam by default) on all training images;
 - ``supervised``: cross-entropy on the left-image labels of all training images;
 - ``supervised_rare``: cross-entropy on the rare-class training images only (method
-  ``supervised_rare`` below: frequent-class samples get loss weight 0); what labels of the
+  ``supervised_rare``, :mod:`ltssl.methods.supervised_rare`: frequent-class samples get loss weight 0); what labels of the
   rare classes alone teach;
 - ``random``: the encoder at its random initialisation (``torch.manual_seed(train.seed)``), not
   trained: the floor every learned representation should beat.
@@ -38,61 +38,32 @@ Entry points: :func:`analyze` (called by the sweep report for a semi-synthetic s
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ltssl.config import Config, ConfigError, load_config
-from ltssl.methods import register_method
-from ltssl.methods.supervised import Supervised
+from ltssl.data import prepare_dataset
+from ltssl.data.ffcv import EvalLoader, read_labels
+from ltssl.data.sources import load_source
+from ltssl.eval import accuracy, extract_features, knn_predict, linear_probe
+from ltssl.eval.gradcam import gradcam
+from ltssl.io import atomic_write_text
+from ltssl.methods import method_class
+from ltssl.methods.supervised_rare import SupervisedRare, semi_classes  # noqa: F401  (re-exported)
+from ltssl.models import build_backbone
+from ltssl.results import read_results
 
 ARMS = ("ssl", "supervised", "supervised_rare", "random")
 GRADCAM_STAT_IMAGES = 200
-
-
-# ----------------------------------------------------------------------------- the supervised-on-rare arm
-
-
-def semi_classes(data) -> tuple[list[int], list[int]]:
-    """(frequent, rare) class ids of a prepared semi-synthetic dataset (from its manifest)."""
-    semi = data.manifest.get("semi_synthetic")
-    if not semi:
-        raise ConfigError("data.semi_synthetic must be true for the semi-synthetic experiment, got false")
-    return list(semi["frequent_classes"]), list(semi["rare_classes"])
-
-
-class SupervisedRare(Supervised):
-    """Supervised baseline trained on the rare classes' images only (semi-synthetic arm).
-
-    Per-sample loss ``CE(logits, label) * w`` with ``w_i = 1[y_i rare] * B / n_rare`` (``n_rare``:
-    rare-class samples in this rank's batch of B, at least 1), so the batch mean is the mean
-    cross-entropy over its rare-class samples and frequent-class images contribute no gradient.
-    Caveat: with BatchNorm the frequent images still enter the batch statistics (``model.norm:
-    group`` avoids that). The rare classes come from the prepared dataset's manifest.
-    """
-
-    def __init__(self, cfg, encoder, num_classes):
-        super().__init__(cfg, encoder, num_classes)
-        if not cfg.data.semi_synthetic:
-            raise ConfigError("method supervised_rare needs data.semi_synthetic: true (it trains on the rare classes only)")
-        from ltssl.data import prepare_dataset
-
-        _, rare = semi_classes(prepare_dataset(cfg.data))
-        self.register_buffer("rare_mask", torch.zeros(num_classes, dtype=torch.bool), persistent=False)
-        self.rare_mask[rare] = True
-
-    def sample_weight(self, batch):
-        rare = self.rare_mask[batch["label"]].float()
-        return rare * rare.shape[0] / rare.sum().clamp_min(1.0)
-
-
-if __name__ != "__main__":  # run as a script, the package import below registers it already
-    register_method("supervised_rare")(SupervisedRare)
 
 
 def _name(arm: str, method: str) -> str:
@@ -114,7 +85,6 @@ def arm_of(cfg: Config) -> str:
 
 def random_encoder(cfg: Config, seed: int | None = None) -> nn.Module:
     """The ``cfg.model.backbone`` encoder at its random initialisation (seed: ``train.seed``)."""
-    from ltssl.models import build_backbone
 
     torch.manual_seed(cfg.train.seed if seed is None else seed)
     return build_backbone(cfg.model, cfg.data.image_size)
@@ -122,9 +92,6 @@ def random_encoder(cfg: Config, seed: int | None = None) -> nn.Module:
 
 def load_run_encoder(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Config, nn.Module, object]:
     """(config, trained encoder, prepared dataset) of a finished training run folder."""
-    from ltssl.data import prepare_dataset
-    from ltssl.methods import method_class
-    from ltssl.models import build_backbone
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
@@ -146,7 +113,6 @@ _LOADERS: dict = {}
 
 def _eval_loader(beton, device, indices=None):
     """An EvalLoader, reused across encoders: every new FFCV loader pays seconds of numba compilation."""
-    from ltssl.data.ffcv import EvalLoader
 
     key = (str(beton), str(device), None if indices is None else tuple(int(i) for i in indices))
     if key not in _LOADERS:
@@ -158,14 +124,12 @@ def _eval_loader(beton, device, indices=None):
 
 
 def _features(encoder: nn.Module, beton, device) -> tuple[torch.Tensor, torch.Tensor]:
-    from ltssl.eval import extract_features
 
     return extract_features(encoder, _eval_loader(beton, device), device)
 
 
 def subset_accuracy(bank, bank_labels, test, test_labels, classes, eval_cfg, seed: int = 0) -> dict:
     """Linear-probe and kNN accuracy among ``classes`` only (labels re-indexed 0..len-1)."""
-    from ltssl.eval import accuracy, knn_predict, linear_probe
 
     classes_t = torch.as_tensor(list(classes), dtype=torch.long, device=bank_labels.device)
     remap = torch.full((int(max(classes)) + 1,), -1, dtype=torch.long, device=bank_labels.device)
@@ -238,7 +202,6 @@ def carrier_indices(data, limit: int | None = None) -> list[int]:
 
 def pick_gradcam_images(data, n: int) -> list[int]:
     """``n`` carrier images, one per frequent class in turn (deterministic: file order)."""
-    from ltssl.data.ffcv import read_labels
 
     labels = read_labels(data.train_beton)
     by_class: dict[int, list[int]] = {}
@@ -274,7 +237,6 @@ def right_half_share(cams: torch.Tensor) -> torch.Tensor:
 
 def gradcam_stats(encoders: dict[str, nn.Module], data, device="cpu", limit: int = GRADCAM_STAT_IMAGES) -> dict[str, float]:
     """Mean right-half share of the Grad-CAM mass per encoder, over up to ``limit`` carrier images."""
-    from ltssl.eval.gradcam import gradcam
 
     idx = carrier_indices(data, limit)
     images, _ = _train_images(data, idx, device)
@@ -287,13 +249,12 @@ def gradcam_grid(encoders: dict[str, nn.Module], data, path: str | Path, *, n_im
     Images are shown at their stored 2:1 shape (the encoders see them resized to S x S); a dashed
     line marks the halves; each overlay's title gives the right-half share of that map.
     """
+    # deferred: matplotlib is slow to import and only the Grad-CAM figure needs it
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import torch.nn.functional as F
 
-    from ltssl.eval.gradcam import gradcam
 
     idx = pick_gradcam_images(data, n_images)
     images, labels = _train_images(data, idx, device)
@@ -339,7 +300,6 @@ def gradcam_grid(encoders: dict[str, nn.Module], data, path: str | Path, *, n_im
 def _pool_labels(data):
     """Class id of every pool position of the source (to name the carried image's class), or None."""
     try:
-        from ltssl.data.sources import load_source
 
         opts = data.manifest["config"]
         return load_source(opts["dataset"], data.manifest["source"]["root"] or opts["root"]).train_labels.tolist()
@@ -377,10 +337,7 @@ def analyze(output_dir: str | Path, report_dir: str | Path | None = None, *, dev
     ``report_dir`` (default ``<output_dir>/report``). Returns ``{"rows": [...], "markdown": str,
     "png": path or None, "gradcam_right_share": {...}}``.
     """
-    import pandas as pd
 
-    from ltssl.io import atomic_write_text
-    from ltssl.results import read_results
 
     output_dir = Path(output_dir)
     report = Path(report_dir) if report_dir else output_dir / "report"
@@ -459,7 +416,6 @@ def analyze(output_dir: str | Path, report_dir: str | Path | None = None, *, dev
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
 
     p = argparse.ArgumentParser(prog="python -m ltssl.experiments.semisynthetic",
                                 description="Semi-synthetic table and Grad-CAM grid of a sweep output folder.")

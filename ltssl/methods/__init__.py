@@ -2,27 +2,19 @@
 
 ``build_method(cfg, num_classes)`` builds the backbone named by ``cfg.model.backbone``
 and wraps it in the method named by ``cfg.method.name``. Adding a method: one file
-here with a :class:`Method` subclass decorated ``@register_method("name")``, plus
-its import line below.
+here with a :class:`Method` subclass decorated ``@register_method("name")``
+(:mod:`ltssl.methods.registry`), plus its import line below.
 """
 
 from __future__ import annotations
 
+# the method files register themselves on import
+from ltssl.methods import moco_v2, simclr, simsiam, supervised, supervised_rare  # noqa: F401
 from ltssl.methods.base import Method
+from ltssl.methods.multiview import with_feature_filter
+from ltssl.methods.registry import METHODS, register_method
+from ltssl.methods.tase import with_tase
 from ltssl.models import UnknownNameError, build_backbone
-
-METHODS: dict[str, type[Method]] = {}
-
-
-def register_method(name: str):
-    def deco(cls):
-        if name in METHODS:
-            raise ValueError(f"method {name!r} registered twice")
-        METHODS[name] = cls
-        cls.method_name = name
-        return cls
-
-    return deco
 
 
 def check_method(name: str) -> None:
@@ -35,9 +27,6 @@ def method_class(cfg) -> type[Method]:
 
     Raises ``UnknownNameError`` or ``ConfigError`` (e.g. TASE on a non-contrastive method).
     """
-    from ltssl.methods.multiview import with_feature_filter
-    from ltssl.methods.tase import with_tase
-
     check_method(cfg.method.name)
     return with_tase(with_feature_filter(METHODS[cfg.method.name], cfg), cfg)
 
@@ -48,8 +37,5 @@ def build_method(cfg, num_classes: int) -> Method:
     encoder = build_backbone(cfg.model, cfg.data.image_size)
     return cls(cfg, encoder, num_classes)
 
-
-from ltssl.methods import moco_v2, simclr, simsiam, supervised  # noqa: E402,F401  (registration)
-from ltssl.experiments import semisynthetic as _semisynthetic  # noqa: E402,F401  (registers supervised_rare)
 
 __all__ = ["Method", "METHODS", "register_method", "build_method", "method_class", "check_method", "UnknownNameError"]

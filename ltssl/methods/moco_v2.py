@@ -7,7 +7,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from ltssl.methods import register_method
+from ltssl.methods.registry import register_method
 from ltssl.methods.base import Method, gather_no_grad, info_nce, mlp
 
 

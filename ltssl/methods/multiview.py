@@ -42,6 +42,8 @@ import math
 import torch
 from torch import Tensor
 
+from ltssl.config import ConfigError
+
 __all__ = ["STATISTICS", "extreme_statistic", "extreme_feature_mask", "filter_views", "with_feature_filter"]
 
 STATISTICS = ("spread", "zscore")
@@ -136,7 +138,6 @@ def with_feature_filter(cls: type, cfg) -> type:
     mv = cfg.method.multiview
     if mv.filter_quantile <= 0:
         return cls
-    from ltssl.config import ConfigError
 
     if cfg.method.name not in FILTER_KEYS:
         raise ConfigError(

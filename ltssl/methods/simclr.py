@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ltssl.methods import register_method
+from ltssl.methods.registry import register_method
 from ltssl.methods.base import Method, mlp, nt_xent
 
 

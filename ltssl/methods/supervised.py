@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ltssl.methods import register_method
+from ltssl.methods.registry import register_method
 from ltssl.methods.base import Method
 
 

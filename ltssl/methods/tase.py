@@ -57,6 +57,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ltssl.config import ConfigError
+
 __all__ = [
     "kmeans",
     "cluster_temperatures",
@@ -273,7 +275,6 @@ def with_tase(cls: type, cfg) -> type:
     if not cfg.method.tase.enabled:
         return cls
     if cfg.method.name not in TASE_METHODS:
-        from ltssl.config import ConfigError
 
         raise ConfigError(
             f"method.tase.enabled needs a contrastive method.name ({', '.join(TASE_METHODS)}), got {cfg.method.name!r}"
