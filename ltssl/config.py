@@ -69,6 +69,9 @@ class DataConfig:
     ood_root: str | None = _f(None, "source folder of the out-of-domain dataset")
     test_split_file: str | None = _f(None, "imagefolder: published test list ('relative/path label'); None = root/val or root/test")
     probe_per_class: int | None = _f(None, "images per class of the balanced linear-probe subset; None = the most the smallest class allows", ge=1)
+    resident: str = _f("auto", "training set decoded once and kept on the training device (no loader threads); "
+                       "auto = on for a CUDA device when it fits data.resident_max_mb", choices=["auto", "on", "off"])
+    resident_max_mb: float = _f(4096.0, "data.resident auto: largest decoded training set (MiB) kept on the device", gt=0)
 
 
 @dataclass
