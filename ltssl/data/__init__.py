@@ -1,8 +1,12 @@
-"""Long-tailed datasets and FFCV pipelines (contract in CONTRACTS.md, section Data).
+"""Long-tailed datasets and FFCV pipelines.
 
-``prepare_dataset(data_cfg) -> PreparedDataset`` is the one call the training job and the sweep
-driver use; :mod:`ltssl.data.ffcv` holds ``SSLLoader`` and ``EvalLoader`` (imported lazily:
-importing FFCV costs seconds of numba compilation).
+``prepare_dataset(data_cfg) -> PreparedDataset`` (:mod:`ltssl.data.prepare`, which defines both)
+is the one call the training job and the sweep driver use: it builds, once per content, the LT
+subset's ``train.beton`` / ``test.beton`` / ``probe.beton`` and their ``manifest.json``.
+:mod:`ltssl.data.ffcv` holds ``SSLLoader`` (K augmented views per image) and ``EvalLoader``
+(plain images in file order); it is not imported here because it imports torch, and FFCV itself
+on first use (seconds of numba compilation), which the login-node checks must not pay.
+Every bad input raises :class:`DataError` with a one-line message naming the field or file.
 """
 
 from .errors import DataError

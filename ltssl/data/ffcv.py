@@ -29,6 +29,9 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
+
+from ltssl.io import atomic_write_text
 
 from .augment import Recipe, eval_transform, generator_for, get_recipe, make_views
 from .errors import DataError
@@ -43,7 +46,12 @@ FIELDS = ("image", "label", "index")
 
 
 def _import_ffcv():
-    """Import ffcv without its side effect: ``import ffcv`` sets torch's thread count to 1."""
+    """Import ffcv without its side effect: ``import ffcv`` sets torch's thread count to 1.
+
+    Every ``from ffcv ...`` import in this module is deferred to after this call: importing ffcv
+    costs seconds (numba), and sidecar-only users (``read_labels``'s callers, prepare's checks)
+    and machines without FFCV must not pay for it.
+    """
     threads = torch.get_num_threads()
     try:
         import ffcv  # noqa: F401
@@ -96,6 +104,7 @@ def _guarded_worker(work_fn, errors, *args) -> None:
 
 def _make_writer_class():
     _import_ffcv()
+    from ffcv.memory_allocator import MemoryAllocator
     from ffcv.writer import DatasetWriter, worker_job_indexed_dataset
 
     class SafeDatasetWriter(DatasetWriter):
@@ -116,8 +125,6 @@ def _make_writer_class():
                 workqueue.put(None)
             allocations_queue = ctx.Queue()
             done_number = ctx.Value(c_uint64, 0)
-            from ffcv.memory_allocator import MemoryAllocator
-
             allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
             args = (workqueue, self.metadata_sm, self.metadata_type, self.fields, allocator, done_number,
                     allocations_queue, *extra_worker_args)
@@ -156,6 +163,35 @@ def _make_writer_class():
     return SafeDatasetWriter, worker_job_indexed_dataset
 
 
+def _check_write_inputs(path: Path, get_image, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Refuse an empty set, labels out of range, or images that are not uint8 [H,W,3]; return image 0."""
+    if len(labels) == 0:
+        raise DataError(f"cannot write {path}: no images")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        bad = int(labels[(labels < 0) | (labels >= num_classes)][0])
+        raise DataError(f"cannot write {path}: label {bad} out of range 0..{num_classes - 1}")
+    first = np.asarray(get_image(0))
+    if first.dtype != np.uint8 or first.ndim != 3 or first.shape[2] != 3:
+        raise DataError(f"cannot write {path}: images must be uint8 [H,W,3], got {first.dtype} {first.shape}")
+    return first
+
+
+def _write_ffcv_file(tmp: Path, samples: _IndexedSamples, raw: bool, max_resolution: int | None, jpeg_quality: int,
+                     num_workers: int) -> None:
+    """FFCV's writer over ``samples`` into ``tmp``, fsynced: fields image (raw or JPEG), label, index."""
+    SafeDatasetWriter, _ = _make_writer_class()
+    from ffcv.fields import IntField, RGBImageField  # after _make_writer_class imported ffcv
+
+    image_field = RGBImageField(write_mode="raw") if raw else RGBImageField(
+        write_mode="jpg", max_resolution=max_resolution, jpeg_quality=jpeg_quality
+    )
+    writer = SafeDatasetWriter(str(tmp), {"image": image_field, "label": IntField(), "index": IntField()},
+                               page_size=PAGE_SIZE, num_workers=max(1, int(num_workers)))
+    writer.from_indexed_dataset(samples, chunksize=256)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
 def write_beton(
     path: str | os.PathLike,
     get_image: Callable[[int], np.ndarray],
@@ -180,43 +216,21 @@ def write_beton(
     """
     path = Path(path)
     labels = np.asarray(labels, dtype=np.int64)
-    n = len(labels)
-    if n == 0:
-        raise DataError(f"cannot write {path}: no images")
-    if labels.min() < 0 or labels.max() >= num_classes:
-        bad = int(labels[(labels < 0) | (labels >= num_classes)][0])
-        raise DataError(f"cannot write {path}: label {bad} out of range 0..{num_classes - 1}")
-    first = np.asarray(get_image(0))
-    if first.dtype != np.uint8 or first.ndim != 3 or first.shape[2] != 3:
-        raise DataError(f"cannot write {path}: images must be uint8 [H,W,3], got {first.dtype} {first.shape}")
+    first = _check_write_inputs(path, get_image, labels, num_classes)
     raw = max_resolution is None and max(first.shape[:2]) <= RAW_MAX_SIDE
-    SafeDatasetWriter, _ = _make_writer_class()
-    from ffcv.fields import IntField, RGBImageField
-
-    image_field = RGBImageField(write_mode="raw") if raw else RGBImageField(
-        write_mode="jpg", max_resolution=max_resolution, jpeg_quality=jpeg_quality
-    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
     try:
-        writer = SafeDatasetWriter(str(tmp), {"image": image_field, "label": IntField(), "index": IntField()},
-                                   page_size=PAGE_SIZE,
-                                   num_workers=max(1, int(num_workers)))
-        writer.from_indexed_dataset(_IndexedSamples(get_image, labels), chunksize=256)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        shape = None
-        if raw:
-            shape = [int(first.shape[0]), int(first.shape[1])]
+        _write_ffcv_file(tmp, _IndexedSamples(get_image, labels), raw, max_resolution, jpeg_quality, num_workers)
         meta = {
             "format": "ltssl-beton-1",
             "fields": list(FIELDS),
-            "num_samples": int(n),
+            "num_samples": int(len(labels)),
             "num_classes": int(num_classes),
             "class_counts": np.bincount(labels, minlength=num_classes).astype(int).tolist(),
             "image_mode": "raw" if raw else "jpg",
-            "image_shape": shape,                       # [H, W] when constant (raw); None for JPEG
+            "image_shape": [int(first.shape[0]), int(first.shape[1])] if raw else None,  # [H, W]; None for JPEG
             "max_resolution": max_resolution,
             "mean": [float(m) for m in mean],
             "std": [float(s) for s in std],
@@ -229,8 +243,6 @@ def write_beton(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    from ltssl.io import atomic_write_text
-
     atomic_write_text(meta_path(path), json.dumps(meta, indent=1))
     return meta
 
@@ -371,8 +383,6 @@ def _int_pipeline():
 def _rank(distributed: bool) -> tuple[int, int]:
     if not distributed:
         return 0, 1
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         raise DataError("distributed=True needs the torch.distributed process group initialised before the loader is built")
     return dist.get_rank(), dist.get_world_size()
@@ -502,7 +512,7 @@ class _BetonLoader:
 
 
 class SSLLoader(_BetonLoader):
-    """K augmented views per image for SSL pre-training (contract in CONTRACTS.md).
+    """K augmented views per image for SSL pre-training.
 
     beton: file written by :func:`write_beton`. batch_size: per rank. recipe: "cifar" or
     "imagenet" (:mod:`ltssl.data.augment`). ``epoch(e, start_step)`` yields dicts with

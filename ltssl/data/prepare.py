@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from ltssl.io import atomic_write_text
+
 from .errors import DataError
 from .longtail import (
     balanced_counts,
@@ -37,7 +39,7 @@ from .longtail import (
     semi_synthetic_partners,
     take_prefixes,
 )
-from .sources import CIFAR_LAYOUT, Source, load_source, source_fingerprint
+from .sources import DATASETS, EMBEDDED, Source, load_source, source_fingerprint
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "ltssl-longtail-1"
@@ -46,7 +48,14 @@ SPLITS = ("train", "test", "probe")
 
 @dataclass
 class PreparedDataset:
-    """A prepared LT dataset (contract in CONTRACTS.md). Paths are absolute."""
+    """A prepared LT dataset: what the training job needs to build its loaders and weights.
+
+    Paths are absolute. ``train_beton`` holds the training subset (LT or its same-n balanced
+    counterpart) in manifest ``train`` order, ``test_beton`` the whole test set, ``probe_beton`` a
+    balanced subset of the train pool for linear probes; each sample's ``index`` field is its
+    position in its file. ``class_counts`` and ``groups`` index classes by id; ``ood`` is the
+    out-of-domain dataset (``data.ood_dataset``) prepared the same way, or None.
+    """
 
     root: Path
     train_beton: Path
@@ -85,15 +94,15 @@ def _options(data_cfg: Any) -> dict:
 
 def check_options(opts: dict) -> None:
     """Cheap checks of a data configuration, before any loading (one-line DataError)."""
-    if opts["dataset"] not in ("digits", "digits_ood", "cifar10", "cifar100", "imagefolder"):
-        raise DataError(f"data.dataset must be one of digits, digits_ood, cifar10, cifar100, imagefolder, got {opts['dataset']!r}")
+    if opts["dataset"] not in DATASETS:
+        raise DataError(f"data.dataset must be one of {', '.join(DATASETS)}, got {opts['dataset']!r}")
     if not opts["imbalance_ratio"] >= 1:
         raise DataError(f"data.imbalance_ratio must be >= 1, got {opts['imbalance_ratio']}")
     if opts["n_max"] is not None and int(opts["n_max"]) < 1:
         raise DataError(f"data.n_max must be >= 1, got {opts['n_max']}")
     if opts["probe_per_class"] is not None and int(opts["probe_per_class"]) < 1:
         raise DataError(f"data.probe_per_class must be >= 1, got {opts['probe_per_class']}")
-    if opts["dataset"] not in ("digits", "digits_ood"):  # embedded in scikit-learn: no source folder
+    if opts["dataset"] not in EMBEDDED:
         if not opts["root"]:
             raise DataError(f"data.root must name the {opts['dataset']} source folder, got None")
         if not Path(opts["root"]).is_dir():
@@ -135,6 +144,121 @@ def _counts(labels: np.ndarray, num_classes: int) -> list[int]:
     return np.bincount(labels, minlength=num_classes).astype(int).tolist()
 
 
+@dataclass
+class _Selection:
+    """The LT subset of the pool, its same-n balanced counterpart (None for an imagefolder split
+    list: nothing to draw from) and the published split it came from (None when sampled)."""
+
+    lt_idx: np.ndarray
+    lt_counts: list[int]
+    bal_idx: np.ndarray | None
+    bal_counts: list[int] | None
+    shared: list[int] | None
+    n_max: int
+    published: dict | None
+
+
+def _split_list_selection(opts: dict, pool_labels: np.ndarray, C: int) -> _Selection:
+    """imagefolder with a split file: the pool is exactly the listed images; no balanced counterpart."""
+    lt_counts = _counts(pool_labels, C)
+    return _Selection(np.arange(len(pool_labels)), lt_counts, None, None, None, max(lt_counts),
+                      {"kind": "split_list", "path": opts["split_file"]})
+
+
+def _published_pool_selection(opts: dict, pool_labels: np.ndarray, C: int, order: list[int]) -> _Selection:
+    """A published subset of a CIFAR pool (index list or 'index label' list) and its balanced counterpart."""
+    path = opts["split_file"]
+    if _is_index_file(path):
+        lt_idx = np.sort(read_index_file(path, len(pool_labels)))
+        published = {"kind": "index_list", "path": path}
+    else:
+        # a 'name label' list over a CIFAR pool: names are pool indices
+        names, _ = read_split_file(path)
+        if not all(n.isdigit() for n in names):
+            raise DataError(f"split file {path}: {opts['dataset']} lists must name pool indices")
+        lt_idx = np.sort(np.asarray([int(n) for n in names], dtype=np.int64))
+        published = {"kind": "split_list", "path": path}
+    if lt_idx.max() >= len(pool_labels):
+        raise DataError(f"split file {path}: index {int(lt_idx.max())} out of range for a pool of {len(pool_labels)} images")
+    lt_counts = _counts(pool_labels[lt_idx], C)
+    bal_counts = balanced_counts(len(lt_idx), C, order)
+    bal_idx = take_prefixes(permuted_pools(pool_labels, C, opts["seed"]), bal_counts, "the balanced subset")
+    shared = [int(np.isin(lt_idx[pool_labels[lt_idx] == c], bal_idx).sum()) for c in range(C)]
+    return _Selection(lt_idx, lt_counts, bal_idx, bal_counts, shared, max(lt_counts), published)
+
+
+def _select(opts: dict, pool_labels: np.ndarray, C: int, order: list[int]) -> _Selection:
+    """The LT subset: the published split when there is one, else the seeded exponential profile."""
+    if opts["split_file"] and opts["dataset"] == "imagefolder":
+        return _split_list_selection(opts, pool_labels, C)
+    if opts["split_file"]:
+        return _published_pool_selection(opts, pool_labels, C, order)
+    sub = longtail_subset(pool_labels, C, opts["imbalance_ratio"], n_max=opts["n_max"], seed=opts["seed"], class_order=order)
+    return _Selection(sub.indices, sub.counts, sub.balanced_indices, sub.balanced_counts, sub.shared_per_class,
+                      sub.n_max, None)
+
+
+def _probe_indices(opts: dict, pool_labels: np.ndarray, C: int) -> tuple[np.ndarray, int]:
+    """The balanced probe subset (prefixes of the seeded class permutations) and its images per class."""
+    pool_sizes = _counts(pool_labels, C)
+    per_class = opts["probe_per_class"] or min(pool_sizes)
+    if per_class > min(pool_sizes):
+        raise DataError(f"data.probe_per_class {per_class} is larger than the smallest class holds ({min(pool_sizes)} images)")
+    return take_prefixes(permuted_pools(pool_labels, C, opts["seed"]), [per_class] * C, "the probe subset"), per_class
+
+
+def _source_section(source: Source) -> dict:
+    return {
+        "name": source.name,
+        "root": source.root,
+        "checksum": source.checksum,
+        "pool_size": int(len(source.train_labels)),
+        "test_size": int(len(source.test_labels)),
+        "pool_class_counts": _counts(source.train_labels, source.num_classes),
+    }
+
+
+def _subset_sections(sel: _Selection) -> dict:
+    """The manifest's longtail / balanced / pairing entries."""
+    balanced = None if sel.bal_idx is None else {"counts": sel.bal_counts, "n": int(sum(sel.bal_counts)),
+                                                 "indices": sel.bal_idx.tolist()}
+    pairing = None if sel.bal_idx is None else {
+        "rule": "per class, both subsets are prefixes of one seeded permutation of the class's pool images "
+                "(PCG64, SeedSequence([seed, 1, class_id])); the balanced subset has the LT total, n // C per class, "
+                "the remainder one each to the most frequent classes",
+        "shared_per_class": sel.shared,
+    }
+    return {"longtail": {"counts": sel.lt_counts, "n": int(sum(sel.lt_counts)), "indices": sel.lt_idx.tolist()},
+            "balanced": balanced, "pairing": pairing}
+
+
+def _eval_sections(source: Source, probe_idx: np.ndarray, per_class: int) -> dict:
+    """The manifest's test (the whole test set) and probe entries."""
+    C = source.num_classes
+    return {
+        "test": {"counts": _counts(source.test_labels, C), "n": int(len(source.test_labels)),
+                 "indices": list(range(len(source.test_labels))), "source_ids": list(source.test_ids)},
+        "probe": {"counts": [per_class] * C, "n": int(per_class * C), "indices": probe_idx.tolist(),
+                  "source_ids": [source.train_ids[i] for i in probe_idx]},
+    }
+
+
+def _semi_synthetic_section(opts: dict, source: Source, order: list[int], train_idx: np.ndarray) -> dict:
+    """Liu et al. 2022 sec. 3.3 layout: which rare-class image each frequent-class train image carries."""
+    half = (source.num_classes + 1) // 2
+    frequent, rare = order[:half], order[half:]
+    pool_labels = source.train_labels
+    partners = semi_synthetic_partners(pool_labels[train_idx], train_idx, rare, pool_labels, opts["seed"])
+    return {
+        "rule": "Liu et al. ICLR 2022 sec. 3.3: train image = own image | rare-class image for frequent classes, "
+                "own image | blank (zeros) for rare classes; test and probe images = own image | blank",
+        "frequent_classes": list(frequent),
+        "rare_classes": list(rare),
+        "partners": partners.tolist(),   # per train-file position: pool position of the carried image, -1 = blank
+        "partner_source_ids": [source.train_ids[p] if p >= 0 else None for p in partners],
+    }
+
+
 def make_longtail_manifest(data_cfg: Any, source: Source | None = None) -> dict:
     """Decide the train / test / probe images of ``data_cfg`` (a DataConfig or alike); return the manifest.
 
@@ -147,76 +271,25 @@ def make_longtail_manifest(data_cfg: Any, source: Source | None = None) -> dict:
                              opts["test_split_file"])
     C = source.num_classes
     order = resolve_class_order(C, opts["class_order"])
-    pool_labels = source.train_labels
-    published = None
-    if opts["split_file"] and opts["dataset"] == "imagefolder":
-        published = {"kind": "split_list", "path": opts["split_file"]}
-        lt_idx = np.arange(len(pool_labels))
-        lt_counts = _counts(pool_labels, C)
-        bal_idx, bal_counts, shared = None, None, None
-        n_max = max(lt_counts)
-    elif opts["split_file"]:
-        path = opts["split_file"]
-        if _is_index_file(path):
-            lt_idx = np.sort(read_index_file(path, len(pool_labels)))
-            published = {"kind": "index_list", "path": path}
-        else:
-            # a 'name label' list over a CIFAR pool: names are pool indices
-            names, _ = read_split_file(path)
-            if not all(n.isdigit() for n in names):
-                raise DataError(f"split file {path}: {opts['dataset']} lists must name pool indices")
-            lt_idx = np.sort(np.asarray([int(n) for n in names], dtype=np.int64))
-            published = {"kind": "split_list", "path": path}
-        if lt_idx.max() >= len(pool_labels):
-            raise DataError(f"split file {path}: index {int(lt_idx.max())} out of range for a pool of {len(pool_labels)} images")
-        lt_counts = _counts(pool_labels[lt_idx], C)
-        bal_counts = balanced_counts(len(lt_idx), C, order)
-        bal_idx = take_prefixes(permuted_pools(pool_labels, C, opts["seed"]), bal_counts, "the balanced subset")
-        shared = [int(np.isin(lt_idx[pool_labels[lt_idx] == c], bal_idx).sum()) for c in range(C)]
-        n_max = max(lt_counts)
-    else:
-        sub = longtail_subset(pool_labels, C, opts["imbalance_ratio"], n_max=opts["n_max"], seed=opts["seed"], class_order=order)
-        lt_idx, lt_counts = sub.indices, sub.counts
-        bal_idx, bal_counts, shared = sub.balanced_indices, sub.balanced_counts, sub.shared_per_class
-        n_max = sub.n_max
+    sel = _select(opts, source.train_labels, C, order)
     if opts["balanced"]:
-        train_idx, train_counts = bal_idx, bal_counts
+        train_idx, train_counts = sel.bal_idx, sel.bal_counts
     else:
-        train_idx, train_counts = lt_idx, lt_counts
-    # probe: balanced prefix subset of the pool
-    pool_sizes = _counts(pool_labels, C)
-    per_class = opts["probe_per_class"] or min(pool_sizes)
-    if per_class > min(pool_sizes):
-        raise DataError(f"data.probe_per_class {per_class} is larger than the smallest class holds ({min(pool_sizes)} images)")
-    probe_idx = take_prefixes(permuted_pools(pool_labels, C, opts["seed"]), [per_class] * C, "the probe subset")
-    test_idx = np.arange(len(source.test_labels))
+        train_idx, train_counts = sel.lt_idx, sel.lt_counts
+    probe_idx, per_class = _probe_indices(opts, source.train_labels, C)
     mean, std = _normalisation(source)
     scheme = source.group_scheme
-    manifest: dict = {
+    return {
         "format": MANIFEST_FORMAT,
         "config": opts,
-        "source": {
-            "name": source.name,
-            "root": source.root,
-            "checksum": source.checksum,
-            "pool_size": int(len(pool_labels)),
-            "test_size": int(len(source.test_labels)),
-            "pool_class_counts": pool_sizes,
-        },
+        "source": _source_section(source),
         "num_classes": C,
         "class_order": order,
         "seed": opts["seed"],
         "imbalance_ratio": opts["imbalance_ratio"],
-        "n_max": int(n_max),
-        "published_split": published,
-        "longtail": {"counts": lt_counts, "n": int(sum(lt_counts)), "indices": lt_idx.tolist()},
-        "balanced": None if bal_idx is None else {"counts": bal_counts, "n": int(sum(bal_counts)), "indices": bal_idx.tolist()},
-        "pairing": None if bal_idx is None else {
-            "rule": "per class, both subsets are prefixes of one seeded permutation of the class's pool images "
-                    "(PCG64, SeedSequence([seed, 1, class_id])); the balanced subset has the LT total, n // C per class, "
-                    "the remainder one each to the most frequent classes",
-            "shared_per_class": shared,
-        },
+        "n_max": int(sel.n_max),
+        "published_split": sel.published,
+        **_subset_sections(sel),
         "train": {
             "subset": "balanced" if opts["balanced"] else "longtail",
             "counts": train_counts,
@@ -224,31 +297,15 @@ def make_longtail_manifest(data_cfg: Any, source: Source | None = None) -> dict:
             "indices": np.asarray(train_idx).tolist(),          # pool positions, in train-file order
             "source_ids": [source.train_ids[i] for i in train_idx],
         },
-        "test": {"counts": _counts(source.test_labels, C), "n": int(len(test_idx)), "indices": test_idx.tolist(),
-                 "source_ids": list(source.test_ids)},
-        "probe": {"counts": [per_class] * C, "n": int(per_class * C), "indices": probe_idx.tolist(),
-                  "source_ids": [source.train_ids[i] for i in probe_idx]},
-        "groups": class_groups(lt_counts, scheme),
+        **_eval_sections(source, probe_idx, per_class),
+        "groups": class_groups(sel.lt_counts, scheme),
         "group_scheme": scheme,
         "group_rule": ("thirds of the classes by LT count (sorted, ties by class id; larger parts first)" if scheme == "thirds"
                        else "many > 100, medium 20-100, few < 20 LT training images"),
         "normalization": {"mean": mean, "std": std, "rule": "per-channel statistics of the whole train pool"},
-        "semi_synthetic": None,
+        "semi_synthetic": _semi_synthetic_section(opts, source, order, train_idx) if opts["semi_synthetic"] else None,
         "files": {},
     }
-    if opts["semi_synthetic"]:
-        half = (C + 1) // 2
-        frequent, rare = order[:half], order[half:]
-        partners = semi_synthetic_partners(pool_labels[train_idx], train_idx, rare, pool_labels, opts["seed"])
-        manifest["semi_synthetic"] = {
-            "rule": "Liu et al. ICLR 2022 sec. 3.3: train image = own image | rare-class image for frequent classes, "
-                    "own image | blank (zeros) for rare classes; test and probe images = own image | blank",
-            "frequent_classes": list(frequent),
-            "rare_classes": list(rare),
-            "partners": partners.tolist(),   # per train-file position: pool position of the carried image, -1 = blank
-            "partner_source_ids": [source.train_ids[p] if p >= 0 else None for p in partners],
-        }
-    return manifest
 
 
 # ----------------------------------------------------------------------------- step 2: .beton files
@@ -304,6 +361,7 @@ def write_betons(out_dir: str | os.PathLike, *, num_workers: int = 1, source: So
     if manifest.get("format") != MANIFEST_FORMAT:
         raise DataError(f"{mpath} is not an ltssl long-tail manifest (format {manifest.get('format')!r})")
     source = source or _load_source_for(manifest)
+    # Deferred: .ffcv imports torch (seconds); the login-node checks import this module for the cheap steps.
     from .ffcv import write_beton
 
     norm = manifest["normalization"]
@@ -326,16 +384,12 @@ def write_betons(out_dir: str | os.PathLike, *, num_workers: int = 1, source: So
         files[split] = {"path": f"{split}.beton", **meta}
     manifest["files"] = files
     manifest["complete"] = True
-    from ltssl.io import atomic_write_text
-
     atomic_write_text(mpath, json.dumps(manifest))
     return manifest
 
 
 def _link_beton(src: Path, dst: Path) -> None:
-    from ltssl.io import atomic_write_text
-
-    from .ffcv import meta_path
+    from .ffcv import meta_path  # deferred: .ffcv imports torch (see write_betons)
 
     dst.unlink(missing_ok=True)
     os.link(src, dst)
@@ -344,8 +398,7 @@ def _link_beton(src: Path, dst: Path) -> None:
 
 
 def write_manifest(manifest: dict, out_dir: str | os.PathLike) -> Path:
-    from ltssl.io import atomic_write_text
-
+    """Write ``manifest`` as ``out_dir/manifest.json`` atomically; creates ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / MANIFEST, json.dumps(manifest))
@@ -459,9 +512,9 @@ def prepare_dataset(data_cfg: Any) -> PreparedDataset:
     opts = _options(data_cfg)
     check_options(opts)
     if getattr(data_cfg, "ood_dataset", None):
-        if data_cfg.ood_dataset not in ("digits", "digits_ood", "cifar10", "cifar100", "imagefolder"):
-            raise DataError(f"data.ood_dataset must be one of digits, digits_ood, cifar10, cifar100, imagefolder, got {data_cfg.ood_dataset!r}")
-        if data_cfg.ood_dataset not in ("digits", "digits_ood") and not data_cfg.ood_root:
+        if data_cfg.ood_dataset not in DATASETS:
+            raise DataError(f"data.ood_dataset must be one of {', '.join(DATASETS)}, got {data_cfg.ood_dataset!r}")
+        if data_cfg.ood_dataset not in EMBEDDED and not data_cfg.ood_root:
             raise DataError(f"data.ood_root must name the {data_cfg.ood_dataset} source folder, got None")
     cache_dir = Path(getattr(data_cfg, "cache_dir", "data")).resolve()
     root, manifest = _build_cached(data_cfg, cache_dir)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from PIL import Image
 
 from .errors import DataError
 from .longtail import STREAM_POOL_SPLIT, make_rng, read_split_file
@@ -22,6 +23,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm")
 DIGITS_TEST_PER_CLASS = 50   # balanced digits test set: 500 images; the rest (124-133 per class) is the pool
 DIGITS_SPLIT_SEED = 0        # fixed, not data.seed: every trial evaluates on the same digits test set
 DIGITS_SIZE = 32
+EMBEDDED = ("digits", "digits_ood")  # shipped with scikit-learn: no source folder
+DATASETS = (*EMBEDDED, "cifar10", "cifar100", "imagefolder")
 
 
 @dataclass
@@ -63,8 +66,6 @@ class Source:
 
 def read_image(path: str) -> np.ndarray:
     """An image file -> uint8 RGB [H,W,3]; DataError naming the file when it cannot be read."""
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"), dtype=np.uint8)
@@ -169,6 +170,8 @@ def load_digits_source() -> Source:
     to 0-255, repeated over 3 channels. A fixed seeded split gives a balanced test set of
     ``DIGITS_TEST_PER_CLASS`` per class; the rest is the train pool LT subsets come from.
     """
+    # Deferred: torch and scikit-learn take seconds to import, and the login-node checks import
+    # this module only for folder and split-file checks.
     import torch
     import torch.nn.functional as F
     from sklearn.datasets import load_digits
@@ -314,12 +317,12 @@ def load_source(name: str, root: str | None = None, split_file: str | None = Non
         return load_cifar(name, root)
     if name == "imagefolder":
         return load_imagefolder(root, split_file, test_split_file)
-    raise DataError(f"data.dataset must be one of digits, digits_ood, cifar10, cifar100, imagefolder, got {name!r}")
+    raise DataError(f"data.dataset must be one of {', '.join(DATASETS)}, got {name!r}")
 
 
 def source_fingerprint(name: str, root: str | None) -> str:
     """A cheap identity of a source (file names, sizes, mtimes) for cache keys; no content hashing."""
-    if name in ("digits", "digits_ood") or not root:
+    if name in EMBEDDED or not root:
         return name
     root_p = Path(root)
     if not root_p.exists():
