@@ -412,6 +412,12 @@ def plot_learning_curves(results: pd.DataFrame, metrics: pd.DataFrame | None, me
     return True
 
 
+def is_semisynthetic_sweep(results: pd.DataFrame) -> bool:
+    """Whether a results table holds semi-synthetic trials (``data.semi_synthetic`` true in a config)."""
+    return any(isinstance(text, str) and json.loads(text).get("data", {}).get("semi_synthetic")
+               for text in results.get("config_json", []))
+
+
 # ------------------------------------------------------------------------------ the report
 
 
@@ -442,8 +448,7 @@ def analyze(output_dir: str | Path, report_dir: str | Path | None = None) -> Pat
     if delta.empty:
         delta_text = "(needs completed trials with data.balanced true and false at the same settings)\n"
     parts += ["## Delta(n, r) = (A(n,1) − A(n,r)) / A(n,1): SSL vs supervised, in- and out-of-domain\n", delta_text]
-    if "config_json" in results.columns and any(
-            isinstance(t, str) and json.loads(t).get("data", {}).get("semi_synthetic") for t in results["config_json"]):
+    if is_semisynthetic_sweep(results):
         from ltssl.experiments.semisynthetic import analyze as semisynthetic_analysis  # torch: only for these sweeps
 
         parts += ["## Semi-synthetic experiment: rare-class accuracy of SSL, SL, SL on rare classes only, random features\n",

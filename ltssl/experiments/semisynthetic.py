@@ -85,14 +85,12 @@ def arm_of(cfg: Config) -> str:
 
 def random_encoder(cfg: Config, seed: int | None = None) -> nn.Module:
     """The ``cfg.model.backbone`` encoder at its random initialisation (seed: ``train.seed``)."""
-
     torch.manual_seed(cfg.train.seed if seed is None else seed)
     return build_backbone(cfg.model, cfg.data.image_size)
 
 
 def load_run_encoder(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Config, nn.Module, object]:
     """(config, trained encoder, prepared dataset) of a finished training run folder."""
-
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     ckpt = run_dir / "checkpoints" / "last.pt"
@@ -113,7 +111,6 @@ _LOADERS: dict = {}
 
 def _eval_loader(beton, device, indices=None):
     """An EvalLoader, reused across encoders: every new FFCV loader pays seconds of numba compilation."""
-
     key = (str(beton), str(device), None if indices is None else tuple(int(i) for i in indices))
     if key not in _LOADERS:
         if len(_LOADERS) >= 8:
@@ -124,13 +121,11 @@ def _eval_loader(beton, device, indices=None):
 
 
 def _features(encoder: nn.Module, beton, device) -> tuple[torch.Tensor, torch.Tensor]:
-
     return extract_features(encoder, _eval_loader(beton, device), device)
 
 
 def subset_accuracy(bank, bank_labels, test, test_labels, classes, eval_cfg, seed: int = 0) -> dict:
     """Linear-probe and kNN accuracy among ``classes`` only (labels re-indexed 0..len-1)."""
-
     classes_t = torch.as_tensor(list(classes), dtype=torch.long, device=bank_labels.device)
     remap = torch.full((int(max(classes)) + 1,), -1, dtype=torch.long, device=bank_labels.device)
     remap[classes_t] = torch.arange(len(classes), device=bank_labels.device)
@@ -202,7 +197,6 @@ def carrier_indices(data, limit: int | None = None) -> list[int]:
 
 def pick_gradcam_images(data, n: int) -> list[int]:
     """``n`` carrier images, one per frequent class in turn (deterministic: file order)."""
-
     labels = read_labels(data.train_beton)
     by_class: dict[int, list[int]] = {}
     for i in carrier_indices(data):
@@ -237,7 +231,6 @@ def right_half_share(cams: torch.Tensor) -> torch.Tensor:
 
 def gradcam_stats(encoders: dict[str, nn.Module], data, device="cpu", limit: int = GRADCAM_STAT_IMAGES) -> dict[str, float]:
     """Mean right-half share of the Grad-CAM mass per encoder, over up to ``limit`` carrier images."""
-
     idx = carrier_indices(data, limit)
     images, _ = _train_images(data, idx, device)
     return {name: float(right_half_share(gradcam(enc.to(device), images)).mean()) for name, enc in encoders.items()}
@@ -300,7 +293,6 @@ def gradcam_grid(encoders: dict[str, nn.Module], data, path: str | Path, *, n_im
 def _pool_labels(data):
     """Class id of every pool position of the source (to name the carried image's class), or None."""
     try:
-
         opts = data.manifest["config"]
         return load_source(opts["dataset"], data.manifest["source"]["root"] or opts["root"]).train_labels.tolist()
     except Exception:  # naming the partner's class is a caption nicety, never a reason to fail
@@ -319,29 +311,11 @@ def _fmt_pm(values: list[float]) -> str:
     return f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}"
 
 
-def is_semisynthetic_sweep(results) -> bool:
-    """Whether a results table (pandas) holds semi-synthetic trials (``data.semi_synthetic`` true)."""
-    for text in results.get("config_json", []):
-        if isinstance(text, str) and json.loads(text).get("data", {}).get("semi_synthetic"):
-            return True
-    return False
+def _evaluate_trials(output_dir: Path, device: str) -> tuple[list[dict], dict, dict, dict]:
+    """Evaluate every completed semi-synthetic trial's encoder, plus a random encoder per seed.
 
-
-def analyze(output_dir: str | Path, report_dir: str | Path | None = None, *, device: str = "cpu",
-            gradcam_images: int = 6, gradcam_stat_images: int = GRADCAM_STAT_IMAGES) -> dict:
-    """The semi-synthetic table and Grad-CAM grid of a finished (or running) sweep.
-
-    Reads ``results.parquet``; for every completed semi-synthetic trial loads its encoder from
-    ``trials/<trial_id>/checkpoints/last.pt``, evaluates it on the rare classes; adds a random
-    encoder per seed. Writes ``semisynthetic.csv|md`` and ``gradcam_semisynthetic.png`` into
-    ``report_dir`` (default ``<output_dir>/report``). Returns ``{"rows": [...], "markdown": str,
-    "png": path or None, "gradcam_right_share": {...}}``.
+    Returns (rows, encoders_by_seed {seed: {column name: encoder}}, data_by_seed, cfg_by_seed).
     """
-
-
-    output_dir = Path(output_dir)
-    report = Path(report_dir) if report_dir else output_dir / "report"
-    report.mkdir(parents=True, exist_ok=True)
     results, _, _ = read_results(output_dir)
     rows, encoders_by_seed, data_by_seed, cfg_by_seed = [], {}, {}, {}
     for rec in results.to_dict("records"):
@@ -349,8 +323,7 @@ def analyze(output_dir: str | Path, report_dir: str | Path | None = None, *, dev
             continue
         if not json.loads(rec["config_json"]).get("data", {}).get("semi_synthetic"):
             continue
-        run_dir = output_dir / "trials" / rec["trial_id"]
-        cfg, encoder, data = load_run_encoder(run_dir, device)
+        cfg, encoder, data = load_run_encoder(output_dir / "trials" / rec["trial_id"], device)
         arm = arm_of(cfg)
         scores = evaluate_encoder(encoder, data, cfg.eval, device=device, seed=cfg.train.seed)
         rows.append({"arm": arm, "method": cfg.method.name, "seed": cfg.train.seed, "trial_id": rec["trial_id"],
@@ -365,6 +338,40 @@ def analyze(output_dir: str | Path, report_dir: str | Path | None = None, *, dev
         rows.append({"arm": "random", "method": f"{cfg.model.backbone} (init)", "seed": seed, "trial_id": None,
                      "linear_acc_all": None, **scores})
         encoders_by_seed[seed]["random"] = enc
+    return rows, encoders_by_seed, data_by_seed, cfg_by_seed
+
+
+_SCORES = ("rare_linear_acc", "rare_knn_acc", "rare_fewshot_acc", "frequent_linear_acc", "frequent_knn_acc",
+           "frequent_fewshot_acc")
+
+
+def _summary_table(df: pd.DataFrame, names: list[str], share: dict[str, float]) -> pd.DataFrame:
+    """One row per arm column: mean ± std over seeds of every score, and the Grad-CAM right-half share."""
+    table = []
+    for name in names:
+        part = df[df["name"] == name]
+        table.append({
+            "arm": part["arm"].iloc[0], "method": part["method"].iloc[0], "seeds": len(part),
+            **{score: _fmt_pm(part[score].tolist()) for score in _SCORES},
+            "gradcam_right_share": f"{share[name]:.2f}" if name in share else "-",
+        })
+    return pd.DataFrame(table)
+
+
+def analyze(output_dir: str | Path, report_dir: str | Path | None = None, *, device: str = "cpu",
+            gradcam_images: int = 6, gradcam_stat_images: int = GRADCAM_STAT_IMAGES) -> dict:
+    """The semi-synthetic table and Grad-CAM grid of a finished (or running) sweep.
+
+    Reads ``results.parquet``; for every completed semi-synthetic trial loads its encoder from
+    ``trials/<trial_id>/checkpoints/last.pt``, evaluates it on the rare classes; adds a random
+    encoder per seed. Writes ``semisynthetic.csv|md`` and ``gradcam_semisynthetic.png`` into
+    ``report_dir`` (default ``<output_dir>/report``). Returns ``{"rows": [...], "markdown": str,
+    "png": path or None, "gradcam_right_share": {...}}``.
+    """
+    output_dir = Path(output_dir)
+    report = Path(report_dir) if report_dir else output_dir / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    rows, encoders_by_seed, data_by_seed, _ = _evaluate_trials(output_dir, device)
     out = {"rows": rows, "markdown": "", "png": None, "gradcam_right_share": {}}
     if not rows:
         out["markdown"] = "(no completed semi-synthetic trial yet)\n"
@@ -377,23 +384,9 @@ def analyze(output_dir: str | Path, report_dir: str | Path | None = None, *, dev
     shown = {n: encoders_by_seed[seed0][n] for n in names if n in encoders_by_seed[seed0]}
     share = gradcam_stats(shown, data_by_seed[seed0], device, limit=gradcam_stat_images)
     out["gradcam_right_share"] = share
-    table = []
-    for name in names:
-        part = df[df["name"] == name]
-        table.append({
-            "arm": part["arm"].iloc[0], "method": part["method"].iloc[0], "seeds": len(part),
-            "rare_linear_acc": _fmt_pm(part["rare_linear_acc"].tolist()), "rare_knn_acc": _fmt_pm(part["rare_knn_acc"].tolist()),
-            "rare_fewshot_acc": _fmt_pm(part["rare_fewshot_acc"].tolist()),
-            "frequent_linear_acc": _fmt_pm(part["frequent_linear_acc"].tolist()),
-            "frequent_knn_acc": _fmt_pm(part["frequent_knn_acc"].tolist()),
-            "frequent_fewshot_acc": _fmt_pm(part["frequent_fewshot_acc"].tolist()),
-            "gradcam_right_share": f"{share[name]:.2f}" if name in share else "-",
-        })
-    tdf = pd.DataFrame(table)
+    tdf = _summary_table(df, names, share)
     df.drop(columns=["name"]).to_csv(report / "semisynthetic_runs.csv", index=False)
-    tmp = report / ".semisynthetic.csv.tmp"
-    tdf.to_csv(tmp, index=False)
-    tmp.replace(report / "semisynthetic.csv")
+    atomic_write_text(report / "semisynthetic.csv", tdf.to_csv(index=False))
     header = "| " + " | ".join(tdf.columns) + " |\n| " + " | ".join("---" for _ in tdf.columns) + " |\n"
     body = "".join("| " + " | ".join(str(v) for v in r) + " |\n" for r in tdf.itertuples(index=False))
     frequent, rare = semi_classes(data_by_seed[seed0])
@@ -416,7 +409,6 @@ def analyze(output_dir: str | Path, report_dir: str | Path | None = None, *, dev
 
 
 def main(argv: list[str] | None = None) -> int:
-
     p = argparse.ArgumentParser(prog="python -m ltssl.experiments.semisynthetic",
                                 description="Semi-synthetic table and Grad-CAM grid of a sweep output folder.")
     p.add_argument("output_dir", type=Path)
