@@ -1,12 +1,13 @@
 #!/usr/bin/env python
 """Measure the local cluster and the launch layer: bring-up, teardown, submission-to-start, cancel.
 
-    .venv/bin/python slurm/bench_launch.py [--jobs 5] [--out FILE]
+    .venv/bin/python benchmarks/launch.py [--jobs 5]      # writes benchmarks/results/launch.json
 
 Uses a cluster of its own (state folder ``$LTSSL_BENCH_CLUSTER_DIR``, default
 /tmp/ltssl-bench-cluster) so that it never disturbs a cluster in use; brings it up from nothing
 (twice: the second time MariaDB's files are cached), runs toy jobs (``ltssl.launch.toy``, no
-torch in the job) and tears it down. Prints one JSON object (seconds) and writes it to ``--out``.
+torch in the job) and tears it down. Prints one JSON object (seconds) and writes it to ``--out``
+(default ``benchmarks/results/launch.json``).
 
 Submission-to-start is measured two ways: until squeue says RUNNING, and until the job's own
 code runs (the first attempt recorded in job.json: includes the Python start-up of the task).
@@ -27,6 +28,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 CLUSTER = REPO / "slurm" / "local-cluster"
+
+from ltssl.io import atomic_write_text  # noqa: E402  (after the sys.path line: runs from a checkout)
 
 
 def timed(args: list[str], env: dict) -> float:
@@ -101,7 +104,7 @@ def measure_cancel(work: Path) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=5, help="jobs per executor for the latency figures")
-    parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "launch.json"), help="where the JSON goes")
     args = parser.parse_args()
     cluster_dir = os.environ.get("LTSSL_BENCH_CLUSTER_DIR", "/tmp/ltssl-bench-cluster")
     env = dict(os.environ, LTSSL_CLUSTER_DIR=cluster_dir)
@@ -129,9 +132,8 @@ def main() -> int:
     results["machine"]["load_avg_1min_at_end"] = os.getloadavg()[0]
     text = json.dumps(results, indent=2)
     print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, text + "\n")
     return 0
 
 
