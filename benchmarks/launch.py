@@ -29,7 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 CLUSTER = REPO / "slurm" / "local-cluster"
 
-from ltssl.io import atomic_write_text  # noqa: E402  (after the sys.path line: runs from a checkout)
+# after the sys.path line: the benchmark runs from a checkout
+from ltssl.config import load_config  # noqa: E402
+from ltssl.io import atomic_write_text  # noqa: E402
+from ltssl.launch import JobCancelledError, submit  # noqa: E402
 
 
 def timed(args: list[str], env: dict) -> float:
@@ -50,8 +53,6 @@ def first_attempt_started(run_dir: Path) -> float | None:
 
 
 def measure_jobs(partition: str | None, jobs: int, work: Path) -> dict:
-    from ltssl.config import load_config
-    from ltssl.launch import submit
 
     launch = {"timeout_min": 10, "signal_delay_s": 30, "mem_gb": 1}
     if partition:
@@ -78,8 +79,6 @@ def measure_jobs(partition: str | None, jobs: int, work: Path) -> dict:
 
 
 def measure_cancel(work: Path) -> dict:
-    from ltssl.config import load_config
-    from ltssl.launch import JobCancelledError, submit
 
     cfg = load_config({"launch": {"partition": "cpu", "timeout_min": 10, "signal_delay_s": 30, "mem_gb": 1}})
     handle = submit(cfg, work / "cancel", target="ltssl.launch.toy:train", target_kwargs={"steps": 10**6, "step_s": 0.05})
