@@ -53,7 +53,6 @@ def first_attempt_started(run_dir: Path) -> float | None:
 
 
 def measure_jobs(partition: str | None, jobs: int, work: Path) -> dict:
-
     launch = {"timeout_min": 10, "signal_delay_s": 30, "mem_gb": 1}
     if partition:
         launch["partition"] = partition
@@ -79,7 +78,6 @@ def measure_jobs(partition: str | None, jobs: int, work: Path) -> dict:
 
 
 def measure_cancel(work: Path) -> dict:
-
     cfg = load_config({"launch": {"partition": "cpu", "timeout_min": 10, "signal_delay_s": 30, "mem_gb": 1}})
     handle = submit(cfg, work / "cancel", target="ltssl.launch.toy:train", target_kwargs={"steps": 10**6, "step_s": 0.05})
     while not (work / "cancel" / "metrics.jsonl").exists():
