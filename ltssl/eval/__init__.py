@@ -18,16 +18,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
-def _world() -> int:
+def world_size() -> int:
+    """Processes in the job's process group (1 without torch.distributed)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _gather_rows(x: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's ``x`` ``[n_r, ...]`` (n_r may differ across ranks)."""
-    if _world() == 1:
+    if world_size() == 1:
         return x
     size = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(size) for _ in range(_world())]
+    sizes = [torch.zeros_like(size) for _ in range(world_size())]
     dist.all_gather(sizes, size)
     most = int(max(s.item() for s in sizes))
     padded = x.new_zeros((most,) + tuple(x.shape[1:]))
@@ -170,4 +171,4 @@ def linear_report(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Te
     return out
 
 
-__all__ = ["extract_features", "knn_predict", "linear_probe", "per_class_accuracy", "group_accuracy", "accuracy", "linear_report"]
+__all__ = ["world_size", "extract_features", "knn_predict", "linear_probe", "per_class_accuracy", "group_accuracy", "accuracy", "linear_report"]
