@@ -15,6 +15,7 @@ requeue loses no step and a cancelled job's processes are gone within about a se
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import json
 import os
@@ -31,7 +32,8 @@ import submitit
 from ltssl.config import Config
 from ltssl.io import atomic_write_text
 
-DEFAULT_TARGET = "ltssl.train:train"
+DEFAULT_TARGET = "ltssl.train:train"  # the training entry point every job runs unless told otherwise
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout: git commit, default sweep, runs/
 
 # Preemption signal of submitit (USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise).
 PREEMPT_SIGNAL = submitit.JobEnvironment._usr_sig()
@@ -50,8 +52,6 @@ def resolve_target(target: str) -> tuple[Callable[..., Any], Callable[[], bool] 
 
 def _locked_update_json(path: Path, update: Callable[[dict], dict]) -> dict:
     """Read-modify-write ``path`` (JSON) under an flock, written atomically (temp file + rename)."""
-    import fcntl
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / f".{path.name}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

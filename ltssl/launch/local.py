@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import time
-import typing as tp
 from pathlib import Path
 
 from submitit.local import local as submitit_local

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from ltssl.config import Config, ConfigError, validate
+from ltssl.data import dataset_dir_name
 from ltssl.launch import slurm
 from ltssl.launch.errors import LaunchError
 
@@ -43,17 +44,11 @@ def preflight(cfg: Config, *, check_names: bool = True) -> None:
 
 
 def _check_names(cfg: Config) -> None:
+    # Deferred: ltssl.train imports torch (seconds); sweeps skip this check (check_names=False).
+    import ltssl.train as train_module  # noqa: PLC0415
+
     try:
-        import ltssl.train as train_module  # noqa: PLC0415 - optional until the trainer lands
-    except ModuleNotFoundError as error:
-        if error.name in ("ltssl.train",):
-            return
-        raise
-    check_names = getattr(train_module, "check_names", None)
-    if check_names is None:
-        return
-    try:
-        check_names(cfg)
+        train_module.check_names(cfg)
     except (ConfigError, ValueError, KeyError) as error:
         raise LaunchError(str(error).strip().splitlines()[0] if str(error).strip() else repr(error)) from None
 
@@ -72,10 +67,6 @@ def _readable(path: Path, key: str, want_dir: bool | None = None) -> None:
 
 def _prepared_dir(cfg: Config) -> Path | None:
     """Where ltssl.data caches this dataset (``cache_dir/<dataset_dir_name>``), or None."""
-    try:
-        from ltssl.data import dataset_dir_name  # noqa: PLC0415
-    except ImportError:
-        return None
     try:
         return Path(cfg.data.cache_dir) / dataset_dir_name(cfg.data)
     except Exception:  # a data-side error: the source checks below say what is wrong

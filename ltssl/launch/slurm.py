@@ -1,4 +1,4 @@
-"""Thin, typed wrappers over Slurm's client commands (sinfo, squeue, sacct, scancel).
+"""Thin, typed wrappers over Slurm's client commands (sinfo, scancel); job states: slurm_state.
 
 Every call inherits ``SLURM_CONF`` from the environment (``eval "$(slurm/local-cluster env)"`` for
 the local cluster) and has a timeout, so a dead controller is an error, not a hang.
@@ -121,38 +121,6 @@ def normalise_state(state: str) -> str:
     return state or "UNKNOWN"
 
 
-def job_state(job_id: str) -> tuple[str, str | None]:
-    """(state, node list) of a job: squeue while slurmctld remembers it, then sacct.
-
-    squeue answers from slurmctld's memory (immediate, includes just-finished jobs for MinJobAge);
-    sacct answers from the accounting database once slurmctld has purged the job.
-    """
-    try:
-        out = subprocess.run(
-            ["squeue", "-h", "-j", job_id, "--states=all", "-o", "%T|%N"],
-            capture_output=True,
-            text=True,
-            timeout=COMMAND_TIMEOUT_S,
-        )
-        lines = [line for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
-    except (subprocess.TimeoutExpired, FileNotFoundError):
-        lines = []
-    if lines:
-        state, _, nodes = lines[0].partition("|")
-        return normalise_state(state), (nodes.strip() or None)
-    out = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID,State,NodeList"], f"state of job {job_id}")
-    for line in out.splitlines():
-        fields = line.split("|")
-        if len(fields) == 3 and fields[0] == job_id:
-            nodes = fields[2].strip()
-            return normalise_state(fields[1]), (None if nodes in ("", "None assigned") else nodes)
-    return "UNKNOWN", None
-
-
 def cancel(job_id: str) -> None:
-    """scancel the job (all its steps and tasks); a job that has just ended is not an error."""
-    try:
-        _run(["scancel", job_id], f"cancelling job {job_id}")
-    except LaunchError:
-        if job_state(job_id)[0] not in TERMINAL_STATES:
-            raise
+    """scancel the job (all its steps and tasks). Raises LaunchError when scancel fails."""
+    _run(["scancel", job_id], f"cancelling job {job_id}")

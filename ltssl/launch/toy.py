@@ -10,6 +10,7 @@ gloo, so it also proves the DDP environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT)
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -40,6 +41,37 @@ def checkpoint_now() -> bool:
     return True
 
 
+def _join_group(world_size: int) -> Any:
+    """torch.distributed with a gloo group when the job has several tasks, else None."""
+    if world_size <= 1:
+        return None
+    # Deferred: importing torch takes seconds, and one-task toy jobs (most launch tests) never need it.
+    import torch.distributed as dist  # noqa: PLC0415
+
+    dist.init_process_group("gloo", init_method="env://", timeout=datetime.timedelta(seconds=60))
+    return dist
+
+
+def _increment(step: int, rank: int, group: Any) -> int:
+    """The step's increment: step + 1, plus the sum of (rank + 1) over the ranks under DDP."""
+    if group is None:
+        return step + 1
+    import torch  # noqa: PLC0415 - deferred with torch.distributed above
+
+    tensor = torch.tensor([rank + 1], dtype=torch.int64)
+    group.all_reduce(tensor)
+    return step + 1 + int(tensor.item())
+
+
+def _resume_point(run_dir: Path, seed: int) -> tuple[int, int]:
+    """(first step, value) from run_dir/checkpoints/last.json, or the start."""
+    ckpt = run_dir / "checkpoints" / "last.json"
+    if ckpt.exists():
+        saved = json.loads(ckpt.read_text())
+        return saved["step"], saved["value"]
+    return 0, seed + 1
+
+
 def train(
     cfg: Config,
     run_dir: str | os.PathLike,
@@ -48,10 +80,12 @@ def train(
     checkpoint_every: int = 5,
     fail_at_step: int | None = None,
     fail_rank: int = 0,
+    alloc_mb: int = 0,
 ) -> dict[str, Any]:
     """Run ``steps`` steps of ``step_s`` seconds each; return the final value and bookkeeping.
 
     ``fail_at_step``: raise ``ValueError`` at that step on rank ``fail_rank`` (to test tracebacks).
+    ``alloc_mb``: hold that many MiB of touched memory for the whole run (to exceed ``--mem``).
     """
     global _RUNNING
     run_dir = Path(run_dir)
@@ -59,38 +93,19 @@ def train(
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     (run_dir / "pids").mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "pids" / f"rank{rank}.{os.getpid()}", str(os.getpid()))
-    group = None
-    if world_size > 1:
-        import datetime
-
-        import torch.distributed as dist
-
-        dist.init_process_group("gloo", init_method="env://", timeout=datetime.timedelta(seconds=60))
-        group = dist
-    ckpt = run_dir / "checkpoints" / "last.json"
-    start, value = 0, cfg.train.seed + 1
-    if ckpt.exists():
-        saved = json.loads(ckpt.read_text())
-        start, value = saved["step"], saved["value"]
-    resumed_from = start
+    ballast = bytearray(os.urandom(1 << 20)) * alloc_mb  # random bytes: pages that stay resident
+    group = _join_group(world_size)
+    start, value = _resume_point(run_dir, cfg.train.seed)
     _RUNNING = {"run_dir": run_dir, "step": start, "value": value}
-    blocked = {signal.SIGTERM, signal.SIGUSR2}
     metrics = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
     try:
         for step in range(start, steps):
-            previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+            previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR2})
             try:
                 if fail_at_step is not None and step == fail_at_step and rank == fail_rank:
                     raise ValueError(f"toy failure at step {step} on rank {rank}")
                 time.sleep(step_s)
-                increment = step + 1
-                if group is not None:
-                    import torch
-
-                    tensor = torch.tensor([rank + 1], dtype=torch.int64)
-                    group.all_reduce(tensor)
-                    increment += int(tensor.item())
-                value = (value * 48271 + increment) % _MODULUS
+                value = (value * 48271 + _increment(step, rank, group)) % _MODULUS
                 _RUNNING.update(step=step + 1, value=value)
                 if metrics is not None:
                     metrics.write(json.dumps({"epoch": 1, "step": step + 1, "time": time.time(), "loss": value / _MODULUS}) + "\n")
@@ -99,13 +114,14 @@ def train(
                     _save(_RUNNING)
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-        result = {"value": value, "steps": steps, "world_size": world_size, "resumed_from": resumed_from, "rank": rank}
+        result = {"value": value, "steps": steps, "world_size": world_size, "resumed_from": start, "rank": rank}
         if rank == 0:
             atomic_write_text(run_dir / "result.json", json.dumps(result))
             metrics.write(json.dumps({"epoch": 1, "step": steps, "time": time.time(), "final": True, **result}) + "\n")
         return result
     finally:
         _RUNNING = None
+        del ballast
         if metrics is not None:
             metrics.close()
         if group is not None and group.is_initialized():

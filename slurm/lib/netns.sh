@@ -4,7 +4,7 @@
 # Sourced by slurm/local-cluster (functions netns_*), and also a small command line for
 # tests and benchmarks that need to act on one node (run `slurm/lib/netns.sh help`).
 #
-# Layout (facts measured here: /work/shared/notes/two-node-slurm.md):
+# Layout (each part was needed on Debian 12 with Slurm 22.05; see the notes on each line):
 #   - one bridge in the root namespace holding the controller's address (.1 of the slot),
 #   - per node a network namespace with a veth into that bridge, named eth0 inside, its
 #     own address (.11, .12, ... of the slot) and loopback; no default route, so nothing
