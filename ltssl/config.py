@@ -173,6 +173,9 @@ class LaunchConfig:
     qos: str | None = _f(None, "Slurm QoS")
     constraint: str | None = _f(None, "Slurm node constraint")
     requeue_on_node_failure: bool = _f(True, "requeue the job when a node fails")
+    controller_downtime_s: int = _f(
+        600, "seconds slurmctld may stay unreachable before a job's handle gives up on it (the job itself keeps running)", ge=0
+    )
 
 
 @dataclass
