@@ -61,6 +61,7 @@ from ltssl.methods import method_class
 from ltssl.models import build_backbone, check_backbone
 from ltssl.optim import SAM, SampleWeights, build_optimizer, kde_weights, learning_rate
 from ltssl.signals import BoundaryGate, held_at_boundaries
+from ltssl.tracking import open_tracker
 
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=10)  # a dead rank fails the others instead of hanging them
 EVAL_BATCH_SIZE = {"cuda": 512, "cpu": 64}  # feature passes; on the CPU small batches stay in cache (faster per image)
@@ -387,12 +388,13 @@ def build_optimizer_and_weights(cfg: Config, method: nn.Module, data, device: to
 
 
 def open_run_dir(cfg: Config, run_dir: Path, rt: Runtime) -> MetricsLog:
-    """Rank 0 writes ``config.yaml`` and makes ``checkpoints/``; every rank gets the metrics log (a no-op off rank 0)."""
+    """Rank 0 writes ``config.yaml``, makes ``checkpoints/`` and opens the trackers; every rank gets the metrics
+    log (a no-op off rank 0)."""
     if not rt.is_main:
         return MetricsLog(run_dir / "metrics.jsonl", enabled=False)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
-    return MetricsLog(run_dir / "metrics.jsonl", enabled=True)
+    return MetricsLog(run_dir / "metrics.jsonl", enabled=True, tracker=open_tracker(cfg, run_dir))
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -182,6 +182,41 @@ def test_nonfinite_loss_stops_the_job_naming_epoch_and_step(cache_dir, tmp_path,
         train(cfg, tmp_path / "run")
 
 
+class _RecordingTracker:
+    def __init__(self):
+        self.lines, self.closed = [], []
+
+    def log(self, line):
+        self.lines.append(dict(line))
+
+    def close(self, result):
+        self.closed.append(result)
+
+
+def test_tracker_gets_every_metrics_line_and_the_result_or_none_when_stopped(cache_dir, tmp_path, monkeypatch):
+    import ltssl.train as train_module
+
+    trackers = []
+
+    def open_tracker(cfg, run_dir):
+        trackers.append(_RecordingTracker())
+        trackers[-1].run_dir = Path(run_dir)
+        return trackers[-1]
+
+    monkeypatch.setattr(train_module, "open_tracker", open_tracker)
+    cfg = _cfg(cache_dir, **{"train.epochs": 1, "eval.linear_epochs": 0, "train.log_every": 2})
+    result = train(cfg, tmp_path / "run")
+    assert len(trackers) == 1 and trackers[0].closed == [result] and trackers[0].run_dir == tmp_path / "run"
+    assert trackers[0].lines == _lines(tmp_path / "run")  # every line of metrics.jsonl, in order
+    assert trackers[0].lines[-1]["final"] is True
+
+    monkeypatch.setattr(simsiam_module, "negative_cosine", lambda p, z: (p * z).sum(1) * float("nan"))
+    with pytest.raises(NonFiniteLossError):
+        train(_cfg(cache_dir, **{"train.epochs": 1, "train.log_every": 1}), tmp_path / "run-nan")
+    assert len(trackers) == 2 and trackers[1].closed == [None]
+    assert trackers[1].lines == _lines(tmp_path / "run-nan")
+
+
 # ----------------------------------------------------------------------------- DDP
 
 
