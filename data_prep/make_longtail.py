@@ -20,6 +20,8 @@ from ltssl.config import DataConfig  # noqa: E402
 from ltssl.data import DataError, make_longtail_manifest  # noqa: E402
 from ltssl.data.prepare import write_manifest  # noqa: E402
 
+DEFAULT_RATIO = 100.0  # without a split file: CIFAR-LT's usual r
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,8 +29,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="source: scikit-learn digits (embedded), CIFAR 'python version' folder, or image folder")
     p.add_argument("--root", help="source folder (cifar-10-batches-py / cifar-100-python or its parent; "
                                   "imagefolder: root with train/ and val/ class folders); not for digits")
-    p.add_argument("--imbalance-ratio", type=float, default=100.0,
-                   help="n_max / n_min of the exponential profile (class c keeps int(n_max * r^(-c/(C-1)))); 1 = balanced")
+    p.add_argument("--imbalance-ratio", type=float, default=None,
+                   help=f"n_max / n_min of the exponential profile (class c keeps int(n_max * r^(-c/(C-1)))); 1 = balanced; "
+                        f"default {DEFAULT_RATIO:g}. With --split-file the split decides it (its n_max / n_min, recorded in "
+                        f"the manifest); a value given then must agree with it")
     p.add_argument("--n-max", type=int, default=None, help="images of the most frequent class (default: the smallest class size)")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-class image choice (PCG64)")
     p.add_argument("--balanced", action="store_true", help="train on the same-n balanced counterpart instead of the LT subset")
@@ -46,7 +50,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg = DataConfig(dataset=args.dataset, root=args.root, split_file=args.split_file, imbalance_ratio=args.imbalance_ratio,
+    ratio = args.imbalance_ratio
+    if ratio is None and not args.split_file:
+        ratio = DEFAULT_RATIO
+    # DataConfig is a plain dataclass: None (a split file decides the ratio) passes to the data layer as is.
+    cfg = DataConfig(dataset=args.dataset, root=args.root, split_file=args.split_file, imbalance_ratio=ratio,
                      n_max=args.n_max, balanced=args.balanced, class_order=args.class_order,
                      semi_synthetic=args.semi_synthetic, image_size=args.image_size, seed=args.seed,
                      test_split_file=args.test_split_file, probe_per_class=args.probe_per_class)
@@ -57,7 +65,9 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     t = manifest["train"]
-    print(f"{path}: {t['subset']} train subset of {t['n']} images, counts {t['counts']}; "
+    ratio = manifest["imbalance_ratio"]
+    print(f"{path}: {t['subset']} train subset of {t['n']} images, counts {t['counts']}, "
+          f"imbalance ratio {'unbounded' if ratio is None else format(ratio, '.4g')}; "
           f"test {manifest['test']['n']}, probe {manifest['probe']['n']}")
     return 0
 

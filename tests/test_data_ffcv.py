@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
+import ltssl.data.ffcv as lf
 from ltssl.data import DataError
 from ltssl.data.ffcv import EvalLoader, SSLLoader, meta_path, open_beton, read_beton, write_beton
+from ltssl.data.reference import reference_loader
 from test_data_util import cifar_images
 
 # numba prints a harmless KeyError from a finalizer when FFCV pipelines are collected (notes/ffcv.md)
@@ -197,14 +202,10 @@ def test_writer_failure_is_an_error_not_a_hang(tmp_path, data):
 
 
 def test_pipeline_error_and_stall_fail_fast(beton, monkeypatch):
-    import time
-    from dataclasses import replace as dc_replace
-
+    # Deferred: importing ffcv at collection would set torch's thread count to 1 for every test module.
     from ffcv.fields.basics import IntDecoder
     from ffcv.pipeline.operation import Operation
     from ffcv.transforms import ToTensor
-
-    import ltssl.data.ffcv as lf
 
     class Boom(Operation):
         def __init__(self, sleep_s: float = 0.0):
@@ -223,7 +224,7 @@ def test_pipeline_error_and_stall_fail_fast(beton, monkeypatch):
             return boom
 
         def declare_state_and_memory(self, previous_state):
-            return dc_replace(previous_state, jit_mode=False), None
+            return replace(previous_state, jit_mode=False), None
 
     monkeypatch.setattr(lf, "_int_pipeline", lambda: [IntDecoder(), ToTensor(), Boom()])
     ev = EvalLoader(beton, batch_size=64, device=CPU, num_workers=1)
@@ -241,8 +242,6 @@ def test_pipeline_error_and_stall_fail_fast(beton, monkeypatch):
 
 
 def _ddp_worker(rank: int, world: int, init_file: str, beton: str, out_dir: str) -> None:
-    import torch.distributed as dist
-
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         ssl = SSLLoader(beton, batch_size=32, num_views=2, image_size=32, recipe="cifar", seed=3, distributed=True,
@@ -259,8 +258,6 @@ def _ddp_worker(rank: int, world: int, init_file: str, beton: str, out_dir: str)
 
 
 def test_ddp_ranks_get_disjoint_shards(beton, tmp_path):
-    import torch.multiprocessing as mp
-
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(beton), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["len"] == r1["len"] == (N // 2) // 32
@@ -281,8 +278,6 @@ def test_distributed_without_process_group(beton):
 
 
 def test_reference_and_ffcv_views_agree(ssl, data):
-    from ltssl.data.reference import reference_loader
-
     images, labels = data
     ref = reference_loader(images, labels, batch_size=64, num_views=3, image_size=24, recipe="cifar", mean=MEAN, std=STD,
                            seed=0, num_workers=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +12,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ltssl.config import DataConfig
-from ltssl.data import DataError, balanced_counterpart, class_counts, class_groups, longtail_subset, make_longtail_manifest
+from ltssl.config import DataConfig, load_config
+from ltssl.data import (
+    DataError,
+    balanced_counterpart,
+    class_counts,
+    class_groups,
+    longtail_subset,
+    make_longtail_manifest,
+    prepare_dataset,
+    write_betons,
+)
+from ltssl.data.ffcv import read_beton
 from ltssl.data.longtail import balanced_counts, make_rng, read_index_file, read_split_file
-from test_data_util import write_cifar
+from ltssl.data.prepare import check_data_config, write_manifest
+from ltssl.data.sources import load_cifar
+from test_data_util import write_cifar, write_image_folder
 
 # numba prints a harmless KeyError from a finalizer when FFCV pipelines are collected (notes/ffcv.md)
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -145,23 +158,78 @@ def test_published_index_list_is_reproduced(tmp_path):
     root = write_cifar(tmp_path / "src", per_class_train=6, per_class_test=1)
     idx = [5, 17, 2, 40, 41, 59]
     (tmp_path / "split.txt").write_text("\n".join(map(str, idx)) + "\n")
-    m = make_longtail_manifest(DataConfig(dataset="cifar10", root=str(root), split_file=str(tmp_path / "split.txt")))
+    # imbalance_ratio None: the split decides it (data_prep/make_longtail.py without --imbalance-ratio)
+    m = make_longtail_manifest(DataConfig(dataset="cifar10", root=str(root), split_file=str(tmp_path / "split.txt"),
+                                          imbalance_ratio=None))
     assert m["train"]["indices"] == sorted(idx) and m["published_split"]["kind"] == "index_list"
     assert sum(m["train"]["counts"]) == 6 and m["balanced"]["n"] == 6
+    assert m["n_min"] == 0 and m["imbalance_ratio"] is None  # some class has no image: no finite ratio
 
 
 def test_imagefolder_split_file(tmp_path):
-    from test_data_util import write_image_folder
-
     root = write_image_folder(tmp_path / "img", [3, 2, 1], test_per_class=1)
     lines = ["train/c00/0000.png 0", "train/c00/0002.png 0", "train/c02/0000.png 2"]
     (tmp_path / "lt.txt").write_text("\n".join(lines) + "\n")
-    m = make_longtail_manifest(DataConfig(dataset="imagefolder", root=str(root), split_file=str(tmp_path / "lt.txt")))
+    m = make_longtail_manifest(DataConfig(dataset="imagefolder", root=str(root), split_file=str(tmp_path / "lt.txt"),
+                                          imbalance_ratio=None))
     assert m["train"]["source_ids"] == ["train/c00/0000.png", "train/c00/0002.png", "train/c02/0000.png"]
     assert m["train"]["counts"] == [2, 0, 1] and m["group_scheme"] == "imagenet"
     (tmp_path / "bad.txt").write_text("train/c00/nope.png 0\n")
     with pytest.raises(DataError, match=r"lists train/c00/nope.png, which is not under"):
-        make_longtail_manifest(DataConfig(dataset="imagefolder", root=str(root), split_file=str(tmp_path / "bad.txt")))
+        make_longtail_manifest(DataConfig(dataset="imagefolder", root=str(root), split_file=str(tmp_path / "bad.txt"),
+                                          imbalance_ratio=None))
+    with pytest.raises(DataError, match=rf"^data.imbalance_ratio 10 contradicts split file {tmp_path / 'lt.txt'}: class 1 "
+                                        r"has no training image, so its n_max / n_min is unbounded$"):
+        make_longtail_manifest(DataConfig(dataset="imagefolder", root=str(root), split_file=str(tmp_path / "lt.txt")))
+
+
+def _published_split(tmp_path: Path, counts: list[int]) -> tuple[Path, Path, Path]:
+    """An image folder with ``counts`` train images per class, its 'path label' train list and test list."""
+    root = write_image_folder(tmp_path / "img", counts, test_per_class=2, size=(36, 36))
+    train = [f"train/c{c:02d}/{i:04d}.png {c}" for c, n in enumerate(counts) for i in range(n)]
+    test = [f"val/c{c:02d}/{i:04d}.png {c}" for c in range(len(counts)) for i in range(2)]
+    (tmp_path / "lt_train.txt").write_text("\n".join(train) + "\n")
+    (tmp_path / "lt_test.txt").write_text("\n".join(test) + "\n")
+    return root, tmp_path / "lt_train.txt", tmp_path / "lt_test.txt"
+
+
+def test_published_split_records_its_own_ratio(tmp_path):
+    root, train, test = _published_split(tmp_path, [30, 15, 8, 4])
+    common = ["--dataset", "imagefolder", "--root", str(root), "--split-file", str(train), "--test-split-file", str(test)]
+    out = _run("data_prep/make_longtail.py", *common, "--out", str(tmp_path / "lt"))
+    assert out.returncode == 0, out.stderr
+    m = json.loads((tmp_path / "lt" / "manifest.json").read_text())
+    assert m["train"]["counts"] == [30, 15, 8, 4]
+    assert (m["n_max"], m["n_min"], m["imbalance_ratio"]) == (30, 4, 7.5)
+    assert "imbalance ratio 7.5;" in out.stdout
+    # a ratio that states the split is accepted (to 0.1 %) and recorded as the split's exact value
+    out = _run("data_prep/make_longtail.py", *common, "--imbalance-ratio", "7.501", "--out", str(tmp_path / "lt2"))
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "lt2" / "manifest.json").read_text())["imbalance_ratio"] == 7.5
+    # a contradicting one is refused in one line naming the field, and nothing is written
+    out = _run("data_prep/make_longtail.py", *common, "--imbalance-ratio", "100", "--out", str(tmp_path / "lt3"))
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"error: data.imbalance_ratio 100 contradicts split file {train}, whose n_max / n_min is 30 / 4 = 7.5: "
+        "set data.imbalance_ratio to 7.5"]
+    assert not (tmp_path / "lt3").exists()
+
+
+def test_training_config_with_a_split_states_its_ratio(tmp_path):
+    root, train, test = _published_split(tmp_path, [30, 15, 8, 4])
+    over = {"data.dataset": "imagefolder", "data.root": str(root), "data.split_file": str(train),
+            "data.test_split_file": str(test), "data.image_size": 32, "data.cache_dir": str(tmp_path / "cache")}
+    cfg = load_config(overrides=over)  # data.imbalance_ratio keeps its default, 10
+    msg = (rf"^data.imbalance_ratio 10 contradicts split file {train}, whose n_max / n_min is 30 / 4 = 7.5: "
+           r"set data.imbalance_ratio to 7.5$")
+    with pytest.raises(DataError, match=msg):
+        check_data_config(cfg.data)  # what a login node can run before submitting
+    with pytest.raises(DataError, match=msg):
+        prepare_dataset(cfg.data)
+    assert not (tmp_path / "cache").exists()  # refused before anything is built
+    cfg = load_config(overrides={**over, "data.imbalance_ratio": 7.5})
+    ds = prepare_dataset(cfg.data)
+    assert ds.class_counts == [30, 15, 8, 4] and ds.manifest["imbalance_ratio"] == cfg.data.imbalance_ratio == 7.5
 
 
 # ----------------------------------------------------------------------------- manifests
@@ -188,11 +256,6 @@ def test_cifar_manifest(tiny_cifar):
 
 
 def test_semi_synthetic_layout(tiny_cifar, tmp_path):
-    from ltssl.data import write_betons
-    from ltssl.data.ffcv import read_beton
-    from ltssl.data.prepare import write_manifest
-    from ltssl.data.sources import load_cifar
-
     cfg = DataConfig(dataset="cifar10", root=str(tiny_cifar), imbalance_ratio=10, semi_synthetic=True)
     m = make_longtail_manifest(cfg)
     semi = m["semi_synthetic"]
@@ -220,10 +283,15 @@ def test_semi_synthetic_layout(tiny_cifar, tmp_path):
 
 def test_bad_sources(tmp_path, tiny_cifar):
     missing = tmp_path / "nope"
-    with pytest.raises(DataError, match=rf"^cifar10 source folder {missing} does not exist$"):
+    with pytest.raises(DataError, match=rf"^cifar10 source folder {missing} does not exist: get cifar-10-python.tar.gz "
+                                        r"from https://www.cs.toronto.edu/~kriz/cifar.html \(on the login node: curl -LO "
+                                        r"https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz\) and unpack it with "
+                                        rf"'mkdir -p {missing} && tar xzf cifar-10-python.tar.gz -C {missing}', which makes "
+                                        rf"{missing}/cifar-10-batches-py$"):
         make_longtail_manifest(DataConfig(dataset="cifar10", root=str(missing)))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match=r"^cifar10 source folder .*/empty holds no data_batch_1 \(expected the CIFAR 'python version' layout\)$"):
+    with pytest.raises(DataError, match=r"^cifar10 source folder .*/empty holds no data_batch_1 \(expected the CIFAR 'python version' layout; "
+                                        r"get cifar-10-python.tar.gz .*\)$"):
         make_longtail_manifest(DataConfig(dataset="cifar10", root=str(tmp_path / "empty")))
     broken = write_cifar(tmp_path / "broken", per_class_train=2, per_class_test=1)
     (broken / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"\x80\x02not a pickle")
@@ -238,8 +306,6 @@ def test_bad_sources(tmp_path, tiny_cifar):
 
 
 def test_source_label_out_of_range(tmp_path):
-    import pickle
-
     root = write_cifar(tmp_path, per_class_train=2, per_class_test=1)
     f = root / "cifar-10-batches-py" / "test_batch"
     batch = pickle.loads(f.read_bytes(), encoding="bytes")

@@ -12,6 +12,9 @@ import torch
 
 from ltssl.config import load_config
 from ltssl.data import DataError, PreparedDataset, prepare_dataset
+from ltssl.data.ffcv import EvalLoader, SSLLoader
+from ltssl.data.prepare import dataset_dir_name
+from test_data_util import write_cifar, write_image_folder
 
 
 # numba prints a harmless KeyError from a finalizer when FFCV pipelines are collected (notes/ffcv.md)
@@ -48,8 +51,6 @@ def test_cached_call_is_fast_and_identical(digits):
 
 
 def test_ssl_and_eval_loaders_on_digits(digits):
-    from ltssl.data.ffcv import EvalLoader, SSLLoader
-
     loader = SSLLoader(digits.train_beton, batch_size=64, num_views=2, image_size=32, recipe="cifar", seed=0,
                        distributed=False, device=torch.device("cpu"), num_workers=2)
     assert len(loader) == 503 // 64
@@ -75,9 +76,6 @@ def test_bad_ratio_is_one_line_error(tmp_path):
 
 
 def test_imagefolder_jpeg_path_end_to_end(tmp_path):
-    from ltssl.data.ffcv import EvalLoader, SSLLoader
-    from test_data_util import write_image_folder
-
     root = write_image_folder(tmp_path / "img", [12, 12, 12], test_per_class=2, size=(40, 52))
     cfg = load_config(overrides={"data.dataset": "imagefolder", "data.root": str(root), "data.imbalance_ratio": 4,
                                  "data.image_size": 24, "data.cache_dir": str(tmp_path / "cache")})
@@ -94,9 +92,6 @@ def test_imagefolder_jpeg_path_end_to_end(tmp_path):
 
 
 def test_semi_synthetic_views_and_ood(tmp_path):
-    from ltssl.data.ffcv import EvalLoader, SSLLoader
-    from test_data_util import write_cifar
-
     c10 = write_cifar(tmp_path / "c10", "cifar10", per_class_train=20, per_class_test=2)
     c100 = write_cifar(tmp_path / "c100", "cifar100", per_class_train=3, per_class_test=1)
     cfg = load_config(overrides={"data.dataset": "cifar10", "data.root": str(c10), "data.semi_synthetic": True,
@@ -116,8 +111,6 @@ def test_semi_synthetic_views_and_ood(tmp_path):
 
 
 def test_interrupted_build_is_rebuilt(tmp_path):
-    from ltssl.data.prepare import dataset_dir_name
-
     cfg = load_config(overrides={"data.cache_dir": str(tmp_path), "data.imbalance_ratio": 2})
     half = tmp_path / dataset_dir_name(cfg.data)
     half.mkdir()

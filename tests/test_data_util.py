@@ -6,6 +6,9 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
+from ltssl.data.sources import load_cifar
 
 
 def cifar_images(n: int, seed: int) -> np.ndarray:
@@ -52,8 +55,6 @@ def write_cifar(root: Path, name: str = "cifar10", per_class_train: int = 30, pe
 
 def write_image_folder(root: Path, per_class: list[int], test_per_class: int = 2, size=(40, 48), seed: int = 0) -> Path:
     """root/train/cXX/*.png and root/val/cXX/*.png with random images of ``size`` (H, W)."""
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     for split, counts in (("train", per_class), ("val", [test_per_class] * len(per_class))):
         for c, n in enumerate(counts):
@@ -65,8 +66,6 @@ def write_image_folder(root: Path, per_class: list[int], test_per_class: int = 2
 
 
 def test_tiny_cifar_reads_back_exactly(tmp_path):
-    from ltssl.data.sources import load_cifar
-
     write_cifar(tmp_path, "cifar10", per_class_train=3, per_class_test=1)
     src = load_cifar("cifar10", tmp_path)
     assert src.train_images.shape == (30, 32, 32, 3) and src.test_images.shape == (10, 32, 32, 3)

@@ -39,11 +39,14 @@ from .longtail import (
     semi_synthetic_partners,
     take_prefixes,
 )
-from .sources import DATASETS, EMBEDDED, Source, load_source, source_fingerprint
+from .sources import DATASETS, EMBEDDED, Source, load_source, missing_source, source_fingerprint
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "ltssl-longtail-1"
 SPLITS = ("train", "test", "probe")
+# A configured data.imbalance_ratio agrees with a published split's n_max / n_min within 0.1 %:
+# four significant digits (71.43 for 500 / 7) are enough to state it.
+RATIO_RTOL = 1e-3
 
 
 @dataclass
@@ -81,7 +84,8 @@ def _options(data_cfg: Any) -> dict:
         "root": str(Path(get("root")).resolve()) if get("root") else None,
         "split_file": str(Path(get("split_file")).resolve()) if get("split_file") else None,
         "test_split_file": str(Path(get("test_split_file")).resolve()) if get("test_split_file") else None,
-        "imbalance_ratio": float(get("imbalance_ratio")),
+        # None (data_prep/make_longtail.py without --imbalance-ratio): a split file's own ratio
+        "imbalance_ratio": None if get("imbalance_ratio") is None else float(get("imbalance_ratio")),
         "n_max": get("n_max"),
         "balanced": bool(get("balanced", False)),
         "class_order": list(get("class_order")) if get("class_order") is not None else None,
@@ -96,7 +100,9 @@ def check_options(opts: dict) -> None:
     """Cheap checks of a data configuration, before any loading (one-line DataError)."""
     if opts["dataset"] not in DATASETS:
         raise DataError(f"data.dataset must be one of {', '.join(DATASETS)}, got {opts['dataset']!r}")
-    if not opts["imbalance_ratio"] >= 1:
+    if opts["imbalance_ratio"] is None and not opts["split_file"]:
+        raise DataError("data.imbalance_ratio must be given (>= 1) unless data.split_file decides it, got None")
+    if opts["imbalance_ratio"] is not None and not opts["imbalance_ratio"] >= 1:
         raise DataError(f"data.imbalance_ratio must be >= 1, got {opts['imbalance_ratio']}")
     if opts["n_max"] is not None and int(opts["n_max"]) < 1:
         raise DataError(f"data.n_max must be >= 1, got {opts['n_max']}")
@@ -106,7 +112,7 @@ def check_options(opts: dict) -> None:
         if not opts["root"]:
             raise DataError(f"data.root must name the {opts['dataset']} source folder, got None")
         if not Path(opts["root"]).is_dir():
-            raise DataError(f"{opts['dataset']} source folder {opts['root']} does not exist")
+            raise missing_source(opts["dataset"], opts["root"])
     for key in ("split_file", "test_split_file"):
         if opts[key] and not Path(opts[key]).is_file():
             raise DataError(f"data.{key} {opts[key]} does not exist")
@@ -114,6 +120,33 @@ def check_options(opts: dict) -> None:
         raise DataError("data.split_file is not supported for digits")
     if opts["split_file"] and opts["balanced"] and opts["dataset"] == "imagefolder":
         raise DataError("data.balanced needs a pool to draw from; an imagefolder split_file lists exactly the training images")
+    if opts["split_file"] and opts["dataset"] == "imagefolder":
+        # the list's labels alone decide the counts: refuse a contradicting ratio before any image is read
+        _, labels = read_split_file(opts["split_file"])
+        split_ratio(opts, np.bincount(labels).astype(int).tolist())
+
+
+def check_data_config(data_cfg: Any) -> None:
+    """:func:`check_options` of a DataConfig: the cheap checks a login node can run before submitting."""
+    check_options(_options(data_cfg))
+
+
+def split_ratio(opts: dict, counts: list[int]) -> float | None:
+    """The realised n_max / n_min of a published split's per-class ``counts`` (None when a class has none).
+
+    Raises DataError when ``opts["imbalance_ratio"]`` (data.imbalance_ratio; None = not given)
+    contradicts it: the results' imbalance_ratio column must say what the split holds.
+    """
+    n_max, n_min = max(counts), min(counts)
+    realised = n_max / n_min if n_min > 0 else None
+    configured = opts["imbalance_ratio"]
+    if configured is None or (realised is not None and abs(configured - realised) <= RATIO_RTOL * realised):
+        return realised
+    if realised is None:
+        raise DataError(f"data.imbalance_ratio {configured:g} contradicts split file {opts['split_file']}: class "
+                        f"{counts.index(0)} has no training image, so its n_max / n_min is unbounded")
+    raise DataError(f"data.imbalance_ratio {configured:g} contradicts split file {opts['split_file']}, whose n_max / n_min "
+                    f"is {n_max} / {n_min} = {realised:.4g}: set data.imbalance_ratio to {realised:.4g}")
 
 
 def _is_index_file(path: str) -> bool:
@@ -151,6 +184,7 @@ class _Selection:
 
     lt_idx: np.ndarray
     lt_counts: list[int]
+    ratio: float | None              # data.imbalance_ratio (profile) or the split's n_max / n_min
     bal_idx: np.ndarray | None
     bal_counts: list[int] | None
     shared: list[int] | None
@@ -161,8 +195,8 @@ class _Selection:
 def _split_list_selection(opts: dict, pool_labels: np.ndarray, C: int) -> _Selection:
     """imagefolder with a split file: the pool is exactly the listed images; no balanced counterpart."""
     lt_counts = _counts(pool_labels, C)
-    return _Selection(np.arange(len(pool_labels)), lt_counts, None, None, None, max(lt_counts),
-                      {"kind": "split_list", "path": opts["split_file"]})
+    return _Selection(np.arange(len(pool_labels)), lt_counts, split_ratio(opts, lt_counts), None, None, None,
+                      max(lt_counts), {"kind": "split_list", "path": opts["split_file"]})
 
 
 def _published_pool_selection(opts: dict, pool_labels: np.ndarray, C: int, order: list[int]) -> _Selection:
@@ -184,7 +218,8 @@ def _published_pool_selection(opts: dict, pool_labels: np.ndarray, C: int, order
     bal_counts = balanced_counts(len(lt_idx), C, order)
     bal_idx = take_prefixes(permuted_pools(pool_labels, C, opts["seed"]), bal_counts, "the balanced subset")
     shared = [int(np.isin(lt_idx[pool_labels[lt_idx] == c], bal_idx).sum()) for c in range(C)]
-    return _Selection(lt_idx, lt_counts, bal_idx, bal_counts, shared, max(lt_counts), published)
+    return _Selection(lt_idx, lt_counts, split_ratio(opts, lt_counts), bal_idx, bal_counts, shared, max(lt_counts),
+                      published)
 
 
 def _select(opts: dict, pool_labels: np.ndarray, C: int, order: list[int]) -> _Selection:
@@ -194,8 +229,8 @@ def _select(opts: dict, pool_labels: np.ndarray, C: int, order: list[int]) -> _S
     if opts["split_file"]:
         return _published_pool_selection(opts, pool_labels, C, order)
     sub = longtail_subset(pool_labels, C, opts["imbalance_ratio"], n_max=opts["n_max"], seed=opts["seed"], class_order=order)
-    return _Selection(sub.indices, sub.counts, sub.balanced_indices, sub.balanced_counts, sub.shared_per_class,
-                      sub.n_max, None)
+    return _Selection(sub.indices, sub.counts, sub.imbalance_ratio, sub.balanced_indices, sub.balanced_counts,
+                      sub.shared_per_class, sub.n_max, None)
 
 
 def _probe_indices(opts: dict, pool_labels: np.ndarray, C: int) -> tuple[np.ndarray, int]:
@@ -286,8 +321,10 @@ def make_longtail_manifest(data_cfg: Any, source: Source | None = None) -> dict:
         "num_classes": C,
         "class_order": order,
         "seed": opts["seed"],
-        "imbalance_ratio": opts["imbalance_ratio"],
+        # the exponential profile's r, or a published split's realised n_max / n_min (None: a class has no image)
+        "imbalance_ratio": sel.ratio,
         "n_max": int(sel.n_max),
+        "n_min": int(min(sel.lt_counts)),
         "published_split": sel.published,
         **_subset_sections(sel),
         "train": {
@@ -418,7 +455,8 @@ def dataset_dir_name(data_cfg: Any) -> str:
             st = Path(opts[key]).stat()
             ident[key + "_stat"] = [st.st_size, st.st_mtime_ns]
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
-    name = f"{opts['dataset']}-r{opts['imbalance_ratio']:g}-n{opts['n_max'] or 'max'}-s{opts['seed']}"
+    ratio = "split" if opts["imbalance_ratio"] is None else f"{opts['imbalance_ratio']:g}"
+    name = f"{opts['dataset']}-r{ratio}-n{opts['n_max'] or 'max'}-s{opts['seed']}"
     if opts["balanced"]:
         name += "-bal"
     if opts["semi_synthetic"]:

@@ -81,6 +81,35 @@ CIFAR_LAYOUT = {
 }
 
 
+CIFAR_PAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
+CIFAR_ARCHIVES = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz"}
+IMAGEFOLDER_LAYOUT = ("root/train/<class>/<image>.jpg and root/val/<class>/<image>.jpg (or root/test), "
+                      "or data.split_file / data.test_split_file listing 'relative/path label' lines under root")
+
+
+def source_hint(name: str, root: str | os.PathLike | None) -> str:
+    """How to get the source of dataset ``name`` where ``root`` points (one sentence, no newline).
+
+    CIFAR: the archive from the CIFAR page and the folder it unpacks to (data.root may name that
+    folder or its parent); image folders: the expected layout. Empty for embedded datasets.
+    """
+    if name in CIFAR_LAYOUT:
+        sub, archive = CIFAR_LAYOUT[name][0], CIFAR_ARCHIVES[name]
+        root_p = Path(root) if root else Path("data") / sub
+        parent = root_p.parent if root_p.name == sub else root_p
+        return (f"get {archive} from {CIFAR_PAGE} (on the login node: curl -LO {CIFAR_PAGE.rsplit('/', 1)[0]}/{archive}) "
+                f"and unpack it with 'mkdir -p {parent} && tar xzf {archive} -C {parent}', which makes {parent / sub}")
+    if name == "imagefolder":
+        return f"expected layout: {IMAGEFOLDER_LAYOUT}"
+    return ""
+
+
+def missing_source(name: str, root: str | os.PathLike, what: str = "source folder") -> DataError:
+    """The one-line error for a source folder that is not there, with how to get it."""
+    hint = source_hint(name, root)
+    return DataError(f"{name} {what} {root} does not exist" + (f": {hint}" if hint else ""))
+
+
 def cifar_folder(name: str, root: str | os.PathLike | None) -> Path:
     """The folder holding the CIFAR pickles: ``root`` itself or its standard sub-folder."""
     sub, train_files, _, _, _ = CIFAR_LAYOUT[name]
@@ -88,11 +117,12 @@ def cifar_folder(name: str, root: str | os.PathLike | None) -> Path:
         raise DataError(f"data.root must name the {name} source folder, got None")
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"{name} source folder {root} does not exist")
+        raise missing_source(name, root)
     for cand in (root, root / sub):
         if (cand / train_files[0]).is_file():
             return cand
-    raise DataError(f"{name} source folder {root} holds no {train_files[0]} (expected the CIFAR 'python version' layout)")
+    raise DataError(f"{name} source folder {root} holds no {train_files[0]} (expected the CIFAR 'python version' layout; "
+                    f"{source_hint(name, root)})")
 
 
 def _unpickle(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -261,7 +291,7 @@ def load_imagefolder(root: str | os.PathLike | None, split_file: str | None = No
         raise DataError("data.root must name the imagefolder source folder, got None")
     root_p = Path(root)
     if not root_p.is_dir():
-        raise DataError(f"imagefolder source folder {root_p} does not exist")
+        raise missing_source("imagefolder", root_p)
     class_names: list[str] = []
 
     def from_split(fname: str) -> tuple[list[str], np.ndarray]:
@@ -277,7 +307,7 @@ def load_imagefolder(root: str | os.PathLike | None, split_file: str | None = No
     else:
         train_dir = root_p / "train"
         if not train_dir.is_dir():
-            raise DataError(f"imagefolder source folder {root_p} has no train/ sub-folder (root/train/<class>/image.jpg)")
+            raise DataError(f"imagefolder source folder {root_p} has no train/ sub-folder ({source_hint('imagefolder', root_p)})")
         class_names, train_paths, tl = _list_class_folders(train_dir)
         train_labels = np.asarray(tl, dtype=np.int64)
     if test_split_file:
@@ -326,7 +356,7 @@ def source_fingerprint(name: str, root: str | None) -> str:
         return name
     root_p = Path(root)
     if not root_p.exists():
-        raise DataError(f"{name} source folder {root_p} does not exist")
+        raise missing_source(name, root_p)
     parts = [str(root_p.resolve())]
     if name in CIFAR_LAYOUT:
         folder = cifar_folder(name, root)
