@@ -1,30 +1,45 @@
 """The Ray Tune trainable of a sweep: one trial = one training job, followed through its metrics file.
 
-A trial runs in a Ray actor that needs almost no resources (``{"cpu": 0.01}``): it submits the
-training job with :func:`ltssl.launch.submit` (Slurm with a partition, the local executor
-without), tails ``run_dir/metrics.jsonl`` and returns each new line from :meth:`step`, so Tune's
-scheduler, the console and the dashboard see the job's progress live. At the end it returns the
-job's result (``done``); a failed job raises, with the job's remote traceback, and fails only
-this trial.
+A trial runs in a Ray actor that needs almost no resources: it submits the training job with
+:func:`ltssl.launch.submit` (Slurm with a partition, the local executor without), tails
+``run_dir/metrics.jsonl`` and returns each new line from :meth:`JobTrial.step`, so Tune's scheduler,
+the console and the dashboard see the job's progress live. At the end it returns the job's result
+(``done``); a failed job raises, with the job's remote traceback, and fails only this trial.
 
-A stopped trial's job must be cancelled at once. A function trainable's ``finally:`` cannot do
-it (Ray kills the ``scancel`` with the trial; /work/shared/notes/ray.md); the driver's
-``on_trial_complete`` can, every time, and is the canceller. This class trainable adds its own
-``cleanup()`` (Tune stops the actor) and ``reset_config()`` (Tune hands the actor, reused, to the
-next trial) as backstops: cancelling an ended job is a no-op.
+**One monitor for the whole sweep.** Trials do not poll Slurm or their files themselves: one
+:class:`JobMonitor` actor per sweep (named after the sweep, created by the first trial that needs
+it) asks Slurm about every job in flight with one batched squeue per interval
+(:class:`ltssl.launch.monitor.SlurmStateMonitor`: adaptive interval, failures retried with
+backoff), checks every trial's metrics file and result file each ``poll_interval_s``, and wakes only
+the trials whose job changed. A trial blocks in :meth:`JobMonitor.wait` in between: no actor wakes
+up twice a second for nothing. Its Slurm handle reads the job's state from the monitor's last
+observation (``SlurmJob.state_source``), so a squeue that fails is the monitor's transient problem,
+never a failed trial; a job that finishes meanwhile is seen through its result file.
 
-Actors are reused from trial to trial (no process start, no re-import per trial). ``setup`` and
-``reset_config`` have no side effect; the job is submitted by the trial's first :meth:`step`,
-after the trial is claimed in the ledger, because Tune may run ``setup`` on an actor that it then
-discards in favour of a cached one.
+**Named in the dashboard.** :func:`trial_class` binds the sweep's context and resources to a class
+that keeps the name ``JobTrial`` (resources through ``default_resource_request``, not Tune's
+``with_resources`` wrapper, whose class is ``with_resources.<locals>.ResourceTrainable``); its repr
+(Ray's ``repr_name``) names the trial, its group and its swept parameters. Ray takes that repr once,
+when the actor is created, so a sweep that names its actors this way must not reuse an actor for
+the next trial (``reuse_actors=False``): a reused actor would go on naming its first trial.
 
-A trial whose ledger record already names a job reattaches to it when it is still queued or
-running (a resumed sweep), and resubmits on the same ``run_dir`` otherwise, so training resumes
-from ``run_dir/checkpoints/last.pt`` rather than from epoch 0.
+A stopped trial's job must be cancelled at once. A function trainable's ``finally:`` cannot do it:
+Ray kills the ``scancel`` subprocess together with the trial (it succeeded in 1 of 5 tries), while
+both a class trainable's ``cleanup()`` and the driver's ``on_trial_complete`` cancelled every time.
+The driver's ``on_trial_complete`` is the canceller; ``cleanup()`` (Tune stops the actor) and
+``reset_config()`` (Tune hands the actor, reused, to the next trial) are backstops: cancelling an
+ended job is a no-op.
+
+``setup`` and ``reset_config`` have no side effect; the job is submitted by the trial's first
+:meth:`JobTrial.step`, after the trial is claimed in the ledger, because Tune may run ``setup`` on an
+actor that it then discards. A trial whose ledger record already names a job reattaches to it when
+it is still queued or running (a resumed sweep), and resubmits on the same ``run_dir`` otherwise, so
+training resumes from ``run_dir/checkpoints/last.pt`` rather than from epoch 0.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
@@ -33,10 +48,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import tune
 
+from ltssl.config import load_config
+from ltssl.launch import JobCancelledError, JobFailedError, JobHandle, LaunchError, SlurmJob, submit
+from ltssl.launch.monitor import SlurmStateMonitor
+from ltssl.launch.slurm_state import Observation, observe
 from ltssl.results import parse_json_lines
-from ltssl.sweep.ledger import DETACH_MARKER, Ledger
+from ltssl.sweep.ledger import DETACH_MARKER, Ledger, LedgerClaimError
 
 #: The trainer's default entry point (``ltssl.launch.submit``'s target).
 DEFAULT_TARGET = "ltssl.train:train"
@@ -45,17 +65,23 @@ DEFAULT_TARGET = "ltssl.train:train"
 #: trial (Ctrl-C) without waiting for a job that sits in Slurm's queue.
 HEARTBEAT_S = 10.0
 
+#: The monitor drops a trial it has not heard from for this long (its actor ended without saying).
+MONITOR_EXPIRY_S = 120.0
+
 
 @dataclass
 class TrialContext:
-    """What every trial actor needs besides its Tune config (sent once through ``tune.with_parameters``)."""
+    """What every trial actor needs besides its Tune config (bound once by :func:`trial_class`)."""
 
     output_dir: str
     sweep_id: str
     target: str = DEFAULT_TARGET
     target_kwargs: dict = field(default_factory=dict)
-    poll_interval_s: float = 0.5     # metrics file reads
-    job_poll_s: float = 2.0          # squeue/sacct reads (the final metrics line triggers one at once)
+    poll_interval_s: float = 0.5     # the monitor's look at every trial's files (seconds)
+
+    @property
+    def monitor_name(self) -> str:
+        return f"ltssl-job-monitor-{self.sweep_id}"
 
 
 class MetricsTail:
@@ -92,30 +118,6 @@ def _scalars(line: dict) -> dict:
     return out
 
 
-def submit_checked(cfg, run_dir, *, target: str, target_kwargs: dict | None):
-    """:func:`ltssl.launch.submit` without repeating its preflight in the trial actor.
-
-    The driver ran the same preflight on every distinct job shape of the sweep before the first
-    trial (:mod:`ltssl.sweep.prepare`). Repeating it here imports the trainer's registries, i.e.
-    torch: about 0.7 GB and 5-7 s per trial actor on this machine, which would dominate the
-    per-trial cost of a sweep and its driver's memory. A refusal that appears later (a partition
-    removed mid-sweep) still fails the trial, through sbatch.
-    """
-    import importlib
-    import inspect
-
-    launch_submit = importlib.import_module("ltssl.launch.submit")  # the module (the package exports a function of that name)
-
-    if "preflight" in inspect.signature(launch_submit.submit).parameters:
-        return launch_submit.submit(cfg, run_dir, target=target, target_kwargs=target_kwargs, preflight=False)
-    original = launch_submit.preflight
-    launch_submit.preflight = lambda *_args, **_kwargs: None  # this actor process only
-    try:
-        return launch_submit.submit(cfg, run_dir, target=target, target_kwargs=target_kwargs)
-    finally:
-        launch_submit.preflight = original
-
-
 def reconcile(record: dict):
     """Where the job of a ledger record stands: ``("attach", handle)``, ``("finished", handle)``,
     ``("failed", message)`` or ``("submit", None)``.
@@ -126,8 +128,6 @@ def reconcile(record: dict):
     * never submitted, cancelled (an interrupted sweep) or unknown to Slurm: submit again on the
       same run_dir, which resumes from the job's last checkpoint.
     """
-    from ltssl.launch import JobCancelledError, JobFailedError, JobHandle, LaunchError
-
     run_dir = record.get("run_dir")
     if not run_dir or not (Path(run_dir) / "job.json").is_file():
         return ("submit", None)
@@ -155,20 +155,150 @@ def reconcile(record: dict):
         return ("submit", None)
 
 
+# --------------------------------------------------------------------------- the sweep's monitor
+
+
+class _Watched:
+    """One trial's job as the monitor follows it: what to look at, and a version that moves on change."""
+
+    def __init__(self, job: dict):
+        self.job = job                 # {"job_id", "executor", "files": [paths]}
+        self.version = 0
+        self.seen: tuple = ()          # (size or mtime of each file, controller alive) last time
+        self.event = asyncio.Event()
+        self.last_wait = time.monotonic()
+
+    def look(self) -> tuple:
+        marks = []
+        for path in self.job["files"]:
+            try:
+                stat = os.stat(path)
+                marks.append((stat.st_size, stat.st_mtime_ns))
+            except OSError:
+                marks.append(None)
+        if self.job["executor"] == "local":  # the controller's pid (a killed job writes no file)
+            marks.append(os.path.exists(f"/proc/{self.job['job_id']}"))
+        return tuple(marks)
+
+    def bump(self) -> None:
+        self.version += 1
+        self.event.set()
+
+
+class JobMonitor:
+    """The sweep's one watcher of jobs and files (a Ray actor, async; see the module docstring).
+
+    Trials call :meth:`wait` with their job and the version they last saw; it returns
+    ``(version, observation)`` as soon as the job changed (a new metrics line, a result file, a
+    Slurm state), or after ``timeout_s``. ``observation`` is the job's part of the last batched
+    Slurm query (None for local jobs and before the first round).
+    """
+
+    def __init__(self, poll_interval_s: float = 0.5):
+        self.poll_interval_s = poll_interval_s
+        self.slurm = SlurmStateMonitor()
+        self.entries: dict[str, _Watched] = {}
+        self._loop_task: asyncio.Task | None = None
+
+    async def wait(self, key: str, job: dict, version: int, timeout_s: float):
+        if self._loop_task is None:
+            self._loop_task = asyncio.get_running_loop().create_task(self._loop())
+        entry = self.entries.get(key)
+        if entry is None or entry.job["job_id"] != job["job_id"]:
+            entry = self.entries[key] = _Watched(job)
+            entry.seen = entry.look()
+            if job["executor"] == "slurm":
+                self.slurm.watch([job["job_id"]])
+        entry.last_wait = time.monotonic()
+        if entry.version == version:
+            entry.event.clear()
+            try:
+                await asyncio.wait_for(entry.event.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+        return entry.version, self._observation(entry)
+
+    def _observation(self, entry: _Watched) -> Observation | None:
+        return self.slurm.observation_for(entry.job["job_id"]) if entry.job["executor"] == "slurm" else None
+
+    def forget(self, key: str) -> None:
+        entry = self.entries.pop(key, None)
+        if entry is not None and entry.job["executor"] == "slurm":
+            self.slurm.forget([entry.job["job_id"]])
+
+    def stats(self) -> dict:
+        """Counters for tests and benchmarks: rounds, Slurm calls, interval, failures, trials watched."""
+        return {"rounds": self.slurm.rounds, "calls": dict(self.slurm.calls), "interval_s": self.slurm.interval_s,
+                "failures": self.slurm.failures, "watched": len(self.entries), "pid": os.getpid()}
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval_s)
+            now = time.monotonic()
+            for key, entry in list(self.entries.items()):
+                if now - entry.last_wait > MONITOR_EXPIRY_S:
+                    self.forget(key)
+                    continue
+                seen = entry.look()
+                if seen != entry.seen:
+                    if entry.job["executor"] == "slurm" and seen[-1] != entry.seen[-1]:
+                        self.slurm.soon()  # a result file appeared: the job is ending, ask Slurm soon
+                    entry.seen = seen
+                    entry.bump()
+            ids = self.slurm.due_ids()
+            if ids is not None:
+                observation = await asyncio.to_thread(observe, ids)  # the loop keeps serving waits meanwhile
+                changed = set(self.slurm.record(ids, observation))
+                for entry in self.entries.values():
+                    if entry.job["job_id"] in changed and entry.job["executor"] == "slurm":
+                        entry.bump()
+
+
+def monitor_handle(ctx: TrialContext):
+    """The sweep's :class:`JobMonitor` actor, created by the first trial that asks (detached: it
+    outlives that trial; the sweep's ``ray.shutdown()`` ends it). Ray restarts it if it dies: trials
+    register again with their next wait."""
+    actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(JobMonitor)
+    return actor.options(name=ctx.monitor_name, get_if_exists=True, lifetime="detached").remote(ctx.poll_interval_s)
+
+
+# --------------------------------------------------------------------------- the trial
+
+
 class JobTrial(tune.Trainable):
-    """One sweep trial: config = ``{"trial_key": ..., "group": ..., <dotted key>: value, ...}``."""
+    """One sweep trial: config = ``{"trial_key": ..., "group": ..., <dotted key>: value, ...}``.
+
+    Use :func:`trial_class` to get the class Tune runs (context and resources bound).
+    """
+
+    _context: TrialContext | None = None
+    _resources: dict | None = None
+
+    @classmethod
+    def default_resource_request(cls, config: dict):
+        from ray.tune.execution.placement_groups import PlacementGroupFactory  # only the driver asks
+
+        return PlacementGroupFactory([dict(cls._resources)]) if cls._resources else None
 
     def setup(self, config: dict, context: TrialContext | None = None) -> None:
-        assert context is not None, "JobTrial needs its TrialContext (tune.with_parameters)"
-        self.ctx = context
+        self.ctx = context or self._context
+        assert self.ctx is not None, "JobTrial needs its TrialContext (trial_class)"
         self.job = None
         self.finished = True
+        self.monitor = None
         self._prepare(config)
 
+    def __repr__(self) -> str:
+        """The actor's name in Ray's dashboard ("Repr"): trial, group and swept parameters."""
+        config = getattr(self, "config", None) or {}
+        params = {k: v for k, v in config.items() if k not in ("trial_key", "group")}
+        shown = " ".join(f"{k.split('.')[-1]}={v:.4g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                         for k, v in sorted(params.items()))
+        return f"JobTrial({config.get('trial_key', '?')} [{config.get('group', '?')}] {shown})".replace(" )", ")")
+
     def reset_config(self, new_config: dict) -> bool:
-        """Tune reuses this actor for the next trial (``reuse_actors``): no process start-up, no
-        re-import. The previous trial's job is cancelled first if it still runs (the driver's
-        ``on_trial_complete`` has normally done so already)."""
+        """Tune reuses this actor for the next trial (``reuse_actors``): the previous trial's job is
+        cancelled first if it still runs (the driver's ``on_trial_complete`` has normally done so)."""
         self.cleanup()
         self._prepare(new_config)
         return True
@@ -178,11 +308,8 @@ class JobTrial(tune.Trainable):
 
         With actor reuse Tune may start an actor for a trial and then give the trial a cached
         actor instead, removing the first one after its ``setup`` ran: a ``setup`` that submitted
-        would leave a second job behind (seen here with Ray 2.60). Only the actor Tune trains
-        submits.
+        would leave a second job behind. Only the actor Tune trains submits.
         """
-        from ltssl.config import load_config
-
         self.key = config["trial_key"]
         self.ledger = Ledger(self.ctx.output_dir)
         record = self.ledger.read(self.key)
@@ -195,12 +322,11 @@ class JobTrial(tune.Trainable):
         self.queue: deque = deque()
         self.tail = MetricsTail(self.run_dir / "metrics.jsonl")
         self.last_epoch = 0
-        self.next_job_check = 0.0
+        self.version = -1
+        self.observation: Observation | None = None
 
     def _launch(self) -> None:
         """Claim the trial, then re-attach to its job, take its finished result, or submit."""
-        from ltssl.sweep.ledger import LedgerClaimError
-
         self.launched = True
         owner = {"pid": os.getpid(), "host": socket.gethostname()}
         deadline = time.monotonic() + 30  # a killed driver's actors take a few seconds to exit
@@ -214,18 +340,43 @@ class JobTrial(tune.Trainable):
                 time.sleep(1.0)
         action, value = reconcile(record)
         if action in ("attach", "finished"):
-            self.job = value
+            self._follow(value)
             self.ledger.update(self.key, status="running", job_id=value.job_id)
         elif action == "failed":
             self.ledger.update(self.key, error=value)
             raise RuntimeError(value)
         else:
-            self._submit()
+            self.ledger.update(self.key, status="submitting")
+            # The driver ran the same preflight on every distinct job shape of the sweep before the
+            # first trial; here it would import the trainer's registries (torch) in every actor.
+            self._follow(submit(self.cfg, self.run_dir, target=self.ctx.target,
+                                target_kwargs=self.ctx.target_kwargs or None, preflight=False))
+            self.ledger.update(self.key, status="running", job_id=self.job.job_id)
 
-    def _submit(self) -> None:
-        self.ledger.update(self.key, status="submitting")
-        self.job = submit_checked(self.cfg, self.run_dir, target=self.ctx.target, target_kwargs=self.ctx.target_kwargs or None)
-        self.ledger.update(self.key, status="running", job_id=self.job.job_id)
+    def _follow(self, job: JobHandle) -> None:
+        """Follow ``job`` through the sweep's monitor: its Slurm state comes from the monitor's batched query."""
+        self.job = job
+        if isinstance(job, SlurmJob):
+            job.state_source = self._observation_of
+        if self.monitor is None:
+            self.monitor = monitor_handle(self.ctx)
+
+    def _observation_of(self, job_id: str) -> Observation:
+        # Before the monitor's first round covers the job: an empty squeue answer (state UNKNOWN,
+        # not an end), which costs no Slurm call.
+        return self.observation if self.observation is not None else Observation({}, None, time.time())
+
+    def _wait(self, timeout_s: float) -> None:
+        """Block until the monitor reports a change of this trial's job (or ``timeout_s``)."""
+        watched = {"job_id": self.job.job_id, "executor": self.job.executor,
+                   "files": [str(self.tail.path), str(self.job.paths(0).result_pickle)]}
+        try:
+            self.version, observation = ray.get(self.monitor.wait.remote(self.key, watched, self.version, timeout_s),
+                                                timeout=timeout_s + 30)
+            if observation is not None:
+                self.observation = observation
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+            time.sleep(self.ctx.poll_interval_s)  # the monitor restarts: look again at the files meanwhile
 
     def _report(self, line: dict) -> dict:
         epoch = line.get("epoch")
@@ -238,7 +389,7 @@ class JobTrial(tune.Trainable):
     def step(self) -> dict:
         if not self.launched:
             self._launch()
-        started = time.monotonic()
+        deadline = time.monotonic() + HEARTBEAT_S
         while True:
             if self.queue:
                 return self._report(self.queue.popleft())
@@ -246,27 +397,27 @@ class JobTrial(tune.Trainable):
             if lines:
                 self.queue.extend(lines)
                 continue
-            now = time.monotonic()
-            if self.final_seen or now >= self.next_job_check:
-                self.next_job_check = now + self.ctx.job_poll_s
-                if self.job.done():
-                    lines = self.tail.read()
-                    if lines:
-                        self.queue.extend(lines)
-                        continue
-                    result = self._result()
-                    self.finished = True
-                    out = _scalars(result if isinstance(result, dict) else {})
-                    out.setdefault("epoch", out.get("epochs_run", self.last_epoch))
-                    return {**out, "trial_key": self.key, "final": True, "done": True}
-            if now - started > HEARTBEAT_S:
+            if self.job.done():
+                lines = self.tail.read()
+                if lines:
+                    self.queue.extend(lines)
+                    continue
+                return self._final()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 return {"trial_key": self.key, "heartbeat": True, "job_state": self._state()}
-            time.sleep(self.ctx.poll_interval_s if not self.final_seen else 0.1)
+            self._wait(remaining)
+
+    def _final(self) -> dict:
+        result = self._result()
+        self.finished = True
+        self._forget()
+        out = _scalars(result if isinstance(result, dict) else {})
+        out.setdefault("epoch", out.get("epochs_run", self.last_epoch))
+        return {**out, "trial_key": self.key, "final": True, "done": True}
 
     def _result(self) -> Any:
         """The job's result; a failure is written to the ledger (remote traceback) and raised."""
-        from ltssl.launch import LaunchError
-
         try:
             return self.job.result(timeout=60)
         except LaunchError as error:  # JobFailedError, JobCancelledError
@@ -276,11 +427,16 @@ class JobTrial(tune.Trainable):
     def _state(self) -> str:
         try:
             return self.job.state
-        except Exception:  # a transient squeue/sacct failure must not fail the trial
+        except Exception:  # a heartbeat must not fail the trial
             return "UNKNOWN"
+
+    def _forget(self) -> None:
+        if self.monitor is not None:
+            self.monitor.forget.remote(self.key)
 
     def cleanup(self) -> None:
         """Tune stops the trial (scheduler, Ctrl-C) or it ended: cancel a job that still runs."""
+        self._forget()
         if self.job is None or self.finished:
             return
         if (Path(self.ctx.output_dir) / DETACH_MARKER).exists():
@@ -297,3 +453,13 @@ class JobTrial(tune.Trainable):
 
     def load_checkpoint(self, checkpoint: Any) -> None:
         return None
+
+
+def trial_class(context: TrialContext, resources: dict) -> type[JobTrial]:
+    """The class Tune runs for this sweep: :class:`JobTrial` with ``context`` and ``resources``
+    (Ray resource name -> amount per trial, e.g. ``{"CPU": 0.01, "sweep_trial_slot": 1}``) bound.
+
+    It keeps the class name ``JobTrial`` in Ray's dashboard (see the module docstring).
+    """
+    resources = {("CPU" if k == "cpu" else "GPU" if k == "gpu" else k): v for k, v in resources.items()}
+    return type("JobTrial", (JobTrial,), {"_context": context, "_resources": resources, "__doc__": JobTrial.__doc__})
