@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -86,7 +85,7 @@ def test_local_sweep_asha_stops_within_groups_failures_are_recorded(tmp_path):
 
 def test_resume_after_the_driver_is_killed_runs_every_trial_exactly_once(tmp_path):
     """SIGKILL the driver mid-sweep, then --resume: finished trials are kept, the others continue."""
-    from test_sweep_standin import checkpoint_epoch, kill_pids, ledger_records, ray_orphans, start_driver, sweep_env
+    from test_sweep_standin import checkpoint_epoch, end_ray_orphans, ledger_records, ray_orphans, start_driver, sweep_env
 
     sweep = sweep_file(tmp_path, grid={"rho": [1.0, 0.5, 0.3]}, max_concurrent=2)
     sweep.write_text(sweep.read_text().replace("epochs: 3", "epochs: 5"))
@@ -105,8 +104,7 @@ def test_resume_after_the_driver_is_killed_runs_every_trial_exactly_once(tmp_pat
     done_before, running_before = wait_until(mid_sweep, 180, "a completed and a running trial")
     driver.kill()
     driver.wait()
-    time.sleep(2)
-    kill_pids(ray_orphans(env["RAY_TMPDIR"]))  # Ray helpers a SIGKILLed driver leaves behind
+    end_ray_orphans(env["RAY_TMPDIR"])  # Ray helpers a SIGKILLed driver leaves behind
     before = ledger_records(out)
     starts_before = {k: (out / "trials" / k / "starts.log").read_text() for k in done_before}
 
@@ -132,6 +130,9 @@ def test_resume_after_the_driver_is_killed_runs_every_trial_exactly_once(tmp_pat
                   if "knn_acc" in x and "final" not in x]
         assert sorted(set(epochs)) == [1, 2, 3, 4, 5]
     assert not ray_orphans(env["RAY_TMPDIR"])
-    for key, record in after.items():  # no job of the sweep still runs
-        job = json.loads((out / "trials" / key / "job.json").read_text())
-        assert not alive(int(job["job_id"])), key
+    # no job of the sweep still runs: a trial ends when its job's result is written, and the job's
+    # controller exits right after, so wait for exactly that exit
+    controllers = {key: int(json.loads((out / "trials" / key / "job.json").read_text())["job_id"]) for key in after}
+    wait_until(lambda: not any(alive(pid) for pid in controllers.values()), 60, "every job's controller to exit")
+    for key, pid in controllers.items():
+        assert not alive(pid), key

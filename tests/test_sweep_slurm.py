@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -25,7 +25,7 @@ from test_sweep_standin import (
     TARGET,
     TESTS,
     checkpoint_epoch,
-    kill_pids,
+    end_ray_orphans,
     ledger_records,
     ray_orphans,
     start_driver,
@@ -44,6 +44,12 @@ def squeue_ids() -> set[str]:
 def sacct_state(job_id: str) -> str:
     out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"], capture_output=True, text=True).stdout
     return out.strip().split("\n")[0].split(" ")[0] if out.strip() else ""
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def sweep_file(tmp_path: Path, **tree) -> Path:
@@ -76,16 +82,23 @@ def test_asha_cancels_the_jobs_of_stopped_trials_and_a_failed_job_fails_only_its
     stopped = df[df["status"] == "stopped_early"]["slurm_job_id"].tolist()
     # the stopped trials' jobs were cancelled: gone from squeue (Slurm's KillWait is 5 s here)
     wait_until(lambda: not (set(stopped) & squeue_ids()), 30, f"jobs {stopped} to leave squeue")
+    # slurmdbd records a job's end after squeue drops it
+    wait_until(lambda: all(sacct_state(j) == "CANCELLED" for j in stopped), 60, f"accounting to record {stopped} CANCELLED")
     for job_id in stopped:
         assert sacct_state(job_id) == "CANCELLED", job_id
     for trial, row in df[df["status"] == "stopped_early"].iterrows():
         assert not (Path(row["run_dir"]) / "result.json").exists() and row["epochs_run"] == 1
     failed = df[df["status"] == "failed"]
+    ended = ("FAILED", "COMPLETED")
+    wait_until(lambda: all(sacct_state(j) in ended for j in failed["slurm_job_id"]), 60,
+               "accounting to record the failed trials' jobs as ended")
     for _, row in failed.iterrows():
         assert "stand-in failure at epoch 1" in row["error"] and "Traceback" in row["error"]
-        assert sacct_state(row["slurm_job_id"]) in ("FAILED", "COMPLETED")  # the job raised; Slurm's view
+        assert sacct_state(row["slurm_job_id"]) in ended  # the job raised; Slurm's view
     completed = df[df["status"] == "completed"]
     assert (completed["epochs_run"] == 3).all() and completed["linear_acc"].notna().all()
+    # a trial ends when its job's result is written; the job leaves squeue once its process exits
+    wait_until(lambda: not (set(df["slurm_job_id"]) & squeue_ids()), 60, "every job to leave squeue")
     assert not (set(df["slurm_job_id"]) & squeue_ids())
 
 
@@ -101,10 +114,18 @@ def test_resume_reattaches_to_running_jobs_and_the_dashboard_needs_its_token(slu
     driver = start_driver(["--config", str(sweep), "--output-dir", str(out), "--partition", "cpu", "--no-analyze"],
                           env, log1)
     try:
-        # --partition turns the dashboard on: bound to 127.0.0.1, token authentication on
-        url = wait_until(lambda: re.search(r"dashboard (http://127\.0\.0\.1:\d+)", log1.read_text()), 120,
-                       "the dashboard URL")[1]
+        # --partition turns the dashboard on: bound to 127.0.0.1, token authentication on. The URL
+        # line comes first and its two hint lines right after: wait for all three.
+        def dashboard_lines():
+            text = log1.read_text()
+            found = re.search(r"dashboard (http://127\.0\.0\.1:(\d+))", text)
+            return found if found and "paste the token from" in text and "ssh -N -L" in text else None
+
+        found = wait_until(dashboard_lines, 120, "the dashboard URL and its ssh and token lines")
+        url = found[1]
         assert "paste the token from" in log1.read_text() and "ssh -N -L" in log1.read_text()
+        # the requests below need the dashboard's HTTP server listening
+        wait_until(lambda: port_open(int(found[2])), 120, f"the dashboard to listen on {url}")
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"{url}/api/version", timeout=20)
         assert refused.value.code == 401
@@ -126,11 +147,10 @@ def test_resume_reattaches_to_running_jobs_and_the_dashboard_needs_its_token(slu
     finally:
         driver.kill()
         driver.wait()
-    time.sleep(2)
-    kill_pids(ray_orphans(env["RAY_TMPDIR"]))
+    end_ray_orphans(env["RAY_TMPDIR"])
     before = ledger_records(out)
     running_jobs = {k: before[k]["job_id"] for k in running_before}
-    assert set(running_jobs.values()) <= squeue_ids()  # the jobs outlived the driver
+    assert set(running_jobs.values()) <= squeue_ids()  # the jobs outlived the driver and its Ray processes
 
     log2 = tmp_path / "run2.log"
     resumed = start_driver(["--resume", "--output-dir", str(out), "--no-analyze", "--no-dashboard"], env, log2)
@@ -149,6 +169,8 @@ def test_resume_reattaches_to_running_jobs_and_the_dashboard_needs_its_token(slu
         assert len((out / "trials" / key / "starts.log").read_text().splitlines()) == 1
     every_job = [j for r in after.values() for j in r["job_ids"]]
     assert len(every_job) == len(set(every_job)) == 3  # one job per trial: nothing duplicated
+    # a trial ends when its job's result is written; the job leaves squeue once its process exits
+    wait_until(lambda: not (set(every_job) & squeue_ids()), 60, "every job to leave squeue")
     assert not (set(every_job) & squeue_ids())  # nothing left running
     assert not ray_orphans(env["RAY_TMPDIR"])
 

@@ -147,6 +147,19 @@ def kill_pids(pids: list[int]) -> None:
             pass
 
 
+def end_ray_orphans(ray_tmpdir: str, timeout: float = 60) -> None:
+    """SIGKILL the Ray processes a killed driver left behind until none is left (one may still be
+    starting when the driver dies, so a single sweep over /proc can miss it)."""
+    from waiting import wait_until
+
+    def none_left() -> bool:
+        pids = ray_orphans(ray_tmpdir)
+        kill_pids(pids)
+        return not pids
+
+    wait_until(none_left, timeout, f"the Ray processes under {ray_tmpdir} to exit")
+
+
 def ledger_records(output_dir: Path) -> dict[str, dict]:
     out = {}
     for path in sorted((output_dir / "ledger").glob("t*.json")):
