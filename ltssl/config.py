@@ -1,8 +1,8 @@
 """Typed configuration: the one source of defaults for a training run.
 
-A run's configuration is a :class:`Config` made of seven sections, which are
+A run's configuration is a :class:`Config` made of eight sections, which are
 also the top-level keys of a YAML file: ``data``, ``model``, ``method``,
-``optim``, ``train``, ``eval``, ``launch``. A YAML file may give any subset of
+``optim``, ``train``, ``eval``, ``launch``, ``tracking``. A YAML file may give any subset of
 sections and of keys within them; everything else keeps the defaults below.
 
 Every field carries its constraint in ``metadata`` (``choices``, ``ge``, ``gt``,
@@ -179,6 +179,22 @@ class LaunchConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment trackers fed by the job (rank 0); metrics.jsonl and the results parquet stay the record."""
+
+    tensorboard: bool = _f(True, "write TensorBoard event files into the run folder (tensorboard --logdir <sweep folder>)")
+    wandb_project: str | None = _f(None, "Weights & Biases project: one W&B run per trial (id <sweep id>-<trial id>, group "
+                                   "<sweep id>); None = off")
+    wandb_entity: str | None = _f(None, "W&B entity (user or team); None = the account's default")
+    wandb_mode: str | None = _f(None, "W&B mode; None = the WANDB_MODE environment variable, else online "
+                                "(offline runs are synced later with wandb sync)", choices=["online", "offline"])
+    mlflow: bool = _f(False, "log to MLflow: one run per trial nested under a parent run of the sweep")
+    mlflow_uri: str | None = _f(None, "MLflow tracking URI; None = the file store file:<sweep folder>/mlruns "
+                                "(file:<run folder>/mlruns outside a sweep)")
+    mlflow_experiment: str = _f("ltssl", "MLflow experiment of the runs")
+
+
+@dataclass
 class Config:
     data: DataConfig = _f(DataConfig())
     model: ModelConfig = _f(ModelConfig())
@@ -187,6 +203,7 @@ class Config:
     train: TrainConfig = _f(TrainConfig())
     eval: EvalConfig = _f(EvalConfig())
     launch: LaunchConfig = _f(LaunchConfig())
+    tracking: TrackingConfig = _f(TrackingConfig())
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))

@@ -52,7 +52,8 @@ grep -v '^ffcv' requirements.txt >"$VENV/.req-base.txt"
 "${PIP[@]}" install "$(grep '^ffcv' requirements.txt)" 2>&1 | grep -v '^WARNING: Location' || true
 "${PIP[@]}" install --no-deps -e . 2>&1 | grep -v '^WARNING: Location' || true
 
-for mod in torch torchvision ffcv numba numpy ray ray.tune submitit pandas pyarrow yaml sklearn matplotlib kornia optuna rich pytest pytest_timeout ltssl; do
+for mod in torch torchvision ffcv numba numpy ray ray.tune submitit pandas pyarrow yaml sklearn matplotlib kornia optuna rich pytest pytest_timeout \
+    tensorboard torch.utils.tensorboard wandb mlflow ltssl; do
   "$VENV/bin/python" -c "import $mod" 2>/dev/null || die "Python package '$mod' does not import in $VENV (see pip output above)"
 done
 echo "$want" >"$STAMP"
