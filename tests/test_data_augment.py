@@ -68,3 +68,35 @@ def test_eval_transform_is_normalisation_only():
     out = A.eval_transform(x, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     assert torch.allclose(out, (x.float() / 255 - 0.5) / 0.25, atol=1e-6)
     assert A.eval_transform(torch.zeros(2, 3, 32, 64, dtype=torch.uint8), 32, (0,) * 3, (1,) * 3).shape == (2, 3, 32, 32)
+
+
+def test_fused_cpu_kernel_equals_the_batched_torch_path():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    x[0] = 128  # grey: hue undefined
+    wide = torch.randint(0, 256, (6, 3, 32, 64), dtype=torch.uint8, generator=gen)
+    for images, size in ((x, 32), (x.contiguous(memory_format=torch.channels_last), 24), (wide, 32)):
+        for recipe in ("cifar", "imagenet"):
+            r = A.get_recipe(recipe)
+            args = (r, size, 2, (0.5, 0.45, 0.4), (0.25, 0.25, 0.25))
+            fused = A.make_views(images, A.generator_for(9, 1), *args, fused=True)
+            batched = A.make_views(images, A.generator_for(9, 1), *args, fused=False)
+            default = A.make_views(images, A.generator_for(9, 1), *args)  # on the CPU: the fused kernel
+            assert all(torch.equal(a, b) for a, b in zip(default, fused))
+            for a, b in zip(fused, batched):
+                assert a.shape == b.shape == (images.shape[0], 3, size, size) and a.dtype == torch.float32
+                assert torch.allclose(a, b, atol=1e-4), float((a - b).abs().max())
+
+
+def test_fused_views_do_not_depend_on_the_thread_count():
+    x = torch.randint(0, 256, (37, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    r = A.get_recipe("cifar")
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            outs.append(A.make_views(x, A.generator_for(2), r, 32, 2, (0.5,) * 3, (0.25,) * 3, fused=True))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*outs))

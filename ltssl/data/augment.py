@@ -9,7 +9,8 @@ The recipes are those of SimSiam / MoCo v2 as used by Liu et al. (ICLR 2022):
 
 Every random parameter is drawn on the CPU from the ``torch.Generator`` passed in (so the same
 generator state gives the same views on CPU and GPU, and nothing reads torch's global RNG); the
-pixel work runs batched on the images' device. The operations follow torchvision's definitions
+pixel work runs batched on the images' device, and on the CPU in one compiled kernel per sample
+(:mod:`ltssl.data.fused`, the same operations). The operations follow torchvision's definitions
 (``RandomResizedCrop.get_params``, antialiased bilinear ``resized_crop``,
 ``adjust_brightness/contrast/saturation/hue``, ``rgb_to_grayscale``, colour-jitter operations in
 a random order per sample), with one deliberate difference: a non-square source (the
@@ -190,12 +191,12 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return (maxc.unsqueeze(1) - chroma.unsqueeze(1) * ramp).clamp_(0.0, 1.0)
 
 
-def color_jitter(x: torch.Tensor, gen: torch.Generator, strengths, p: float) -> torch.Tensor:
-    """torchvision ColorJitter(b, c, s, h) applied with probability p, a random op order per sample.
+def draw_jitter(gen: torch.Generator, n: int, strengths, p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ColorJitter(b, c, s, h) parameters with probability p: (apply bool [n], factors float32 [n,4], order int64 [n,4]).
 
-    x: float [B,3,H,W] in [0,1]. Factors: brightness/contrast/saturation ~ U[1-s, 1+s], hue ~ U[-h, h].
+    Factors: brightness/contrast/saturation ~ U[1-s, 1+s], hue ~ U[-h, h]; order: a uniform
+    permutation of the four operations per sample (torchvision's random order).
     """
-    n = x.shape[0]
     bri, con, sat, hue = strengths
     apply = torch.rand(n, generator=gen) < p
     factors = torch.stack(
@@ -207,7 +208,15 @@ def color_jitter(x: torch.Tensor, gen: torch.Generator, strengths, p: float) -> 
         ],
         1,
     ).to(torch.float32)
-    order = torch.argsort(torch.rand(n, 4, generator=gen), dim=1)  # a uniform permutation per sample
+    order = torch.argsort(torch.rand(n, 4, generator=gen), dim=1)
+    return apply, factors, order
+
+
+def color_jitter(x: torch.Tensor, apply: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """torchvision ColorJitter on the samples where ``apply``, each with its factors and operation order.
+
+    x: float [B,3,H,W] in [0,1]; apply, factors, order: from :func:`draw_jitter` (on the CPU).
+    """
     device = x.device
     factors_d = factors.to(device)
     x = x.clone()
@@ -217,31 +226,31 @@ def color_jitter(x: torch.Tensor, gen: torch.Generator, strengths, p: float) -> 
             if sel.numel() == 0:
                 continue
             sel_d = sel.to(device)
-            part = x.index_select(0, sel_d)
-            f = factors_d.index_select(0, sel_d)[:, op].view(-1, 1, 1, 1)
-            if op == 0:
-                part = (part * f).clamp_(0, 1)
-            elif op == 1:
-                mean = grayscale(part).mean(dim=(1, 2, 3), keepdim=True)
-                part = _blend(part, mean, f)
-            elif op == 2:
-                part = _blend(part, grayscale(part), f)
-            else:
-                part = adjust_hue(part, f)
-            x.index_copy_(0, sel_d, part)
+            x.index_copy_(0, sel_d, _jitter_op(x.index_select(0, sel_d), op, factors_d.index_select(0, sel_d)[:, op]))
     return x
 
 
-def random_grayscale(x: torch.Tensor, gen: torch.Generator, p: float) -> torch.Tensor:
-    sel = (torch.rand(x.shape[0], generator=gen) < p).to(x.device).view(-1, 1, 1, 1)
+def _jitter_op(part: torch.Tensor, op: int, f: torch.Tensor) -> torch.Tensor:
+    """Jitter operation ``op`` (0 brightness, 1 contrast, 2 saturation, 3 hue) with per-sample factors f [n]."""
+    f = f.view(-1, 1, 1, 1)
+    if op == 0:
+        return (part * f).clamp_(0, 1)
+    if op == 1:
+        return _blend(part, grayscale(part).mean(dim=(1, 2, 3), keepdim=True), f)
+    if op == 2:
+        return _blend(part, grayscale(part), f)
+    return adjust_hue(part, f)
+
+
+def random_grayscale(x: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    """Grayscale (3 equal channels) where ``apply`` (bool [B])."""
+    sel = apply.to(x.device).view(-1, 1, 1, 1)
     return torch.where(sel, grayscale(x).expand_as(x), x)
 
 
-def gaussian_blur(x: torch.Tensor, gen: torch.Generator, p: float, sigma_range) -> torch.Tensor:
-    """Per-sample Gaussian blur (sigma ~ U(sigma_range)) with probability p; kernel ~10 % of the side, odd."""
+def gaussian_blur(x: torch.Tensor, apply: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Gaussian blur where ``apply`` (bool [B]) with per-sample ``sigma`` (float32 [B], pixels); kernel ~10 % of the side, odd."""
     n, c, h, w = x.shape
-    apply = torch.rand(n, generator=gen) < p
-    sigma = _uniform(gen, n, *sigma_range).to(torch.float32)
     k = max(3, int(0.1 * min(h, w)) // 2 * 2 + 1)
     sel = torch.nonzero(apply).flatten()
     if sel.numel() == 0:
@@ -263,8 +272,9 @@ def gaussian_blur(x: torch.Tensor, gen: torch.Generator, p: float, sigma_range) 
     return out
 
 
-def random_solarize(x: torch.Tensor, gen: torch.Generator, p: float, threshold: float = 0.5) -> torch.Tensor:
-    sel = (torch.rand(x.shape[0], generator=gen) < p).to(x.device).view(-1, 1, 1, 1)
+def random_solarize(x: torch.Tensor, apply: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Solarisation (1 - x above ``threshold``) where ``apply`` (bool [B])."""
+    sel = apply.to(x.device).view(-1, 1, 1, 1)
     return torch.where(sel & (x >= threshold), 1.0 - x, x)
 
 
@@ -279,27 +289,83 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.to(torch.float32).div_(255.0).contiguous()
 
 
-def augment_view(images01: torch.Tensor, gen: torch.Generator, recipe: Recipe, size: int, mean, std) -> torch.Tensor:
-    """One SSL view of every image: float [B,3,H,W] in [0,1] -> normalised float [B,3,size,size]."""
-    b, _, h, w = images01.shape
-    boxes = crop_boxes(gen, b, h, w, recipe.crop_scale, recipe.crop_ratio)
-    flips = torch.rand(b, generator=gen) < recipe.flip_p
-    x = resized_crop(images01, boxes, flips, size).clamp_(0, 1)
+@dataclass
+class ViewParams:
+    """Every random parameter of one view of B images (CPU tensors; None where the recipe skips the step)."""
+
+    boxes: torch.Tensor                    # float64 [B,4]: crop top, left, height, width (pixels)
+    flips: torch.Tensor                    # bool [B]
+    jitter: torch.Tensor | None = None     # bool [B]: colour jitter applied
+    factors: torch.Tensor | None = None    # float32 [B,4]: brightness, contrast, saturation, hue
+    order: torch.Tensor | None = None      # int64 [B,4]: jitter operations in the sample's order
+    gray: torch.Tensor | None = None       # bool [B]
+    blur: torch.Tensor | None = None       # bool [B]
+    sigma: torch.Tensor | None = None      # float32 [B]: blur sigma (pixels)
+    solarize: torch.Tensor | None = None   # bool [B]
+
+
+def draw_view_params(gen: torch.Generator, b: int, height: int, width: int, recipe: Recipe) -> ViewParams:
+    """The parameters of one view, drawn from ``gen`` in a fixed order (crop, flip, jitter, gray, blur, solarize)."""
+    params = ViewParams(crop_boxes(gen, b, height, width, recipe.crop_scale, recipe.crop_ratio),
+                        torch.rand(b, generator=gen) < recipe.flip_p)
     if recipe.jitter_p > 0:
-        x = color_jitter(x, gen, recipe.jitter, recipe.jitter_p)
+        params.jitter, params.factors, params.order = draw_jitter(gen, b, recipe.jitter, recipe.jitter_p)
     if recipe.gray_p > 0:
-        x = random_grayscale(x, gen, recipe.gray_p)
+        params.gray = torch.rand(b, generator=gen) < recipe.gray_p
     if recipe.blur_p > 0:
-        x = gaussian_blur(x, gen, recipe.blur_p, recipe.blur_sigma)
+        params.blur = torch.rand(b, generator=gen) < recipe.blur_p
+        params.sigma = _uniform(gen, b, *recipe.blur_sigma).to(torch.float32)
     if recipe.solarize_p > 0:
-        x = random_solarize(x, gen, recipe.solarize_p)
-    return normalize(x, mean, std)
+        params.solarize = torch.rand(b, generator=gen) < recipe.solarize_p
+    return params
 
 
-def make_views(images_uint8: torch.Tensor, gen: torch.Generator, recipe: Recipe, size: int, num_views: int, mean, std) -> list[torch.Tensor]:
-    """``num_views`` independent views of one decoded batch (decoded once, augmented K times)."""
-    x = to_float(images_uint8)
-    return [augment_view(x, gen, recipe, size, mean, std) for _ in range(num_views)]
+def apply_view(images01: torch.Tensor, params: ViewParams, size: int) -> torch.Tensor:
+    """The batched torch path: one view of float [B,3,H,W] in [0,1] -> float [B,3,size,size] in [0,1], not normalised."""
+    x = resized_crop(images01, params.boxes, params.flips, size).clamp_(0, 1)
+    if params.jitter is not None:
+        x = color_jitter(x, params.jitter, params.factors, params.order)
+    if params.gray is not None:
+        x = random_grayscale(x, params.gray)
+    return _blur_solarize(x, params)
+
+
+def _blur_solarize(x: torch.Tensor, params: ViewParams) -> torch.Tensor:
+    if params.blur is not None:
+        x = gaussian_blur(x, params.blur, params.sigma)
+    if params.solarize is not None:
+        x = random_solarize(x, params.solarize)
+    return x
+
+
+def augment_view(images01: torch.Tensor, gen: torch.Generator, recipe: Recipe, size: int, mean, std) -> torch.Tensor:
+    """One SSL view of every image: float [B,3,H,W] in [0,1] -> normalised float [B,3,size,size] (the torch path)."""
+    b, _, h, w = images01.shape
+    return normalize(apply_view(images01, draw_view_params(gen, b, h, w, recipe), size), mean, std)
+
+
+def make_views(images_uint8: torch.Tensor, gen: torch.Generator, recipe: Recipe, size: int, num_views: int, mean, std,
+               *, fused: bool | None = None) -> list[torch.Tensor]:
+    """``num_views`` independent views of one decoded batch uint8 [B,3,H,W] (decoded once, augmented K times).
+
+    Returns num_views normalised float32 [B,3,size,size] on the images' device. fused: the compiled
+    CPU kernel (:mod:`ltssl.data.fused`) instead of batched torch ops; None = on CPU tensors. Both
+    draw the same parameters from ``gen`` and agree to float rounding.
+    """
+    fused = images_uint8.device.type == "cpu" if fused is None else fused
+    if not fused:
+        x = to_float(images_uint8)
+        return [augment_view(x, gen, recipe, size, mean, std) for _ in range(num_views)]
+    # deferred: numba's import and first compilation cost about a second; GPU-only jobs never need it
+    from .fused import fused_views
+
+    b, _, h, w = images_uint8.shape
+    params = [draw_view_params(gen, b, h, w, recipe) for _ in range(num_views)]
+    plain = recipe.blur_p == 0 and recipe.solarize_p == 0
+    views = fused_views(images_uint8, params, size, mean, std, normalise=plain)
+    if plain:
+        return views
+    return [normalize(_blur_solarize(v, p), mean, std) for v, p in zip(views, params)]
 
 
 def eval_transform(images_uint8: torch.Tensor, size: int, mean, std) -> torch.Tensor:
