@@ -118,7 +118,7 @@ def test_base_file_relative_to_the_sweep_and_resolved_yaml_round_trips(tmp_path)
         ({"grid": {"rho": [1]}, "sample": {"rho": {"uniform": [0.1, 2]}}}, "sample.rho is also a grid axis: give optim.rho in one place"),
         ({"sample": {"imbalance_ratio": {"uniform": [1, 10]}}}, "sample.imbalance_ratio: data keys must be grid axes"),
         ({"base": "missing.yaml", "grid": {"seed": [0]}}, "base: training config"),
-        ({"base": {"optimizer": {"rho": 1}}, "grid": {"seed": [0]}}, "unknown key base.optimizer (allowed: data, model, method, optim, train, eval, launch)"),
+        ({"base": {"optimizer": {"rho": 1}}, "grid": {"seed": [0]}}, "unknown key base.optimizer (allowed: data, model, method, optim, train, eval, launch, tracking)"),
     ],
 )
 def test_bad_sweeps_name_the_key(tmp_path, tree, message):

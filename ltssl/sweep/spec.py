@@ -273,7 +273,7 @@ class SweepSpec:
         return "/".join(parts)
 
     def study_of(self, cell: dict) -> str:
-        kept = {k: v for k, v in _flatten_cell(cell).items() if k not in SEED_KEYS}
+        kept = {k: v for k, v in _cell_params(cell).items() if k not in SEED_KEYS}
         return json.dumps(kept, sort_keys=True, default=str)
 
     def plan(self, partition: str | None) -> list[TrialPlan]:
@@ -302,7 +302,7 @@ class SweepSpec:
         for sample in range(self.num_samples):
             point = {key: dist.draw(rng) for key, dist in self.sample.items()} if self.search.algorithm == "random" else {}
             for cell in cells:
-                params = {**point, **_flatten_cell(cell)}
+                params = {**point, **_cell_params(cell)}
                 if self.search.algorithm == "tpe":
                     if sample > 0 and self.sample and all(k in cell for k in self.sample):
                         continue  # nothing left to sample in this cell
@@ -317,7 +317,7 @@ class SweepSpec:
     def validate_trials(self, partition: str | None) -> list[TrialPlan]:
         """Plan the trials and check every config they can take (sampled extremes included)."""
         for cell in self.cells():
-            flat = _flatten_cell(cell)
+            flat = _cell_params(cell)
             for key, dist in self.sample.items():
                 if key in flat:
                     continue  # pinned by this cell
@@ -325,46 +325,55 @@ class SweepSpec:
                     self.resolve({key: value, **flat}, partition, label=f"sample.{key} at {value!r}")
         trials = self.plan(partition)
         if self.scheduler.name == "asha":
-            for t in trials:
-                if METRICS[self.metric][1] and t.config["train"]["eval_every"] == 0 and self.metric == "knn_acc":
-                    raise SweepError(
-                        f"scheduler.name asha needs knn_acc every epoch, but trial {t.trial_id} has train.eval_every 0"
-                    )
-            max_epochs = max(t.config["train"]["epochs"] for t in trials)
-            max_t = self.scheduler.max_t or max_epochs
-            if self.scheduler.grace_period > max_t:
-                raise SweepError(
-                    f"scheduler.grace_period must be <= max_t ({max_t} epochs), got {self.scheduler.grace_period}"
-                )
+            _check_asha(self, trials)
         return trials
 
     def to_yaml(self) -> str:
         """The sweep as a self-contained YAML (base inlined): what a resumed sweep reads back."""
-        tree = {
-            "name": self.name,
-            "description": self.description,
-            "base": self.base,
-            "overrides": self.overrides,
-            "grid": self.grid,
-            "sample": {k: d.to_yaml() for k, d in self.sample.items()},
-            "num_samples": self.num_samples,
-            "metric": self.metric,
-            "mode": self.mode,
-            "scheduler": {
-                "name": self.scheduler.name,
-                "grace_period": self.scheduler.grace_period,
-                "reduction_factor": self.scheduler.reduction_factor,
-                "max_t": self.scheduler.max_t,
-                "group_by": list(self.scheduler.group_by),
-            },
-            "search": {"algorithm": self.search.algorithm, "seed": self.search.seed,
-                       "n_startup_trials": self.search.n_startup_trials},
-            "max_concurrent": self.max_concurrent,
-            "max_trials": self.max_trials,
-            "launch": self.launch,
-            "poll_interval_s": self.poll_interval_s,
-        }
-        return yaml.safe_dump(tree, sort_keys=False)
+        return yaml.safe_dump(_yaml_tree(self), sort_keys=False)
+
+
+def _check_asha(spec: SweepSpec, trials: list[TrialPlan]) -> None:
+    """ASHA needs the metric during training, and a grace period within the trials' epochs."""
+    for t in trials:
+        if METRICS[spec.metric][1] and t.config["train"]["eval_every"] == 0 and spec.metric == "knn_acc":
+            raise SweepError(
+                f"scheduler.name asha needs knn_acc every epoch, but trial {t.trial_id} has train.eval_every 0"
+            )
+    max_epochs = max(t.config["train"]["epochs"] for t in trials)
+    max_t = spec.scheduler.max_t or max_epochs
+    if spec.scheduler.grace_period > max_t:
+        raise SweepError(
+            f"scheduler.grace_period must be <= max_t ({max_t} epochs), got {spec.scheduler.grace_period}"
+        )
+
+
+def _yaml_tree(spec: SweepSpec) -> dict:
+    """The sweep file's mapping of ``spec``: :func:`load_sweep` of it gives the same spec back."""
+    return {
+        "name": spec.name,
+        "description": spec.description,
+        "base": spec.base,
+        "overrides": spec.overrides,
+        "grid": spec.grid,
+        "sample": {k: d.to_yaml() for k, d in spec.sample.items()},
+        "num_samples": spec.num_samples,
+        "metric": spec.metric,
+        "mode": spec.mode,
+        "scheduler": {
+            "name": spec.scheduler.name,
+            "grace_period": spec.scheduler.grace_period,
+            "reduction_factor": spec.scheduler.reduction_factor,
+            "max_t": spec.scheduler.max_t,
+            "group_by": list(spec.scheduler.group_by),
+        },
+        "search": {"algorithm": spec.search.algorithm, "seed": spec.search.seed,
+                   "n_startup_trials": spec.search.n_startup_trials},
+        "max_concurrent": spec.max_concurrent,
+        "max_trials": spec.max_trials,
+        "launch": spec.launch,
+        "poll_interval_s": spec.poll_interval_s,
+    }
 
 
 def _fmt(v: Any) -> str:
@@ -380,7 +389,9 @@ def _get_dotted(tree: dict, dotted: str) -> Any:
     return node
 
 
-def _flatten_cell(cell: dict) -> dict:
+def _cell_params(cell: dict) -> dict:
+    """A grid cell (dotted key -> value, variants already merged by :meth:`SweepSpec.cells`) as a
+    new dict of trial params, so a trial's params never alias the cell they came from."""
     return dict(cell)
 
 
@@ -392,7 +403,7 @@ def _canonical(key: Any, where: str) -> str:
         raise SweepError(f"{where}: axis names must be strings, got {key!r}")
     dotted = ALIASES.get(key, key)
     if dotted == "launch.partition":
-        raise SweepError(f"{where}.{key}: give the partition on the command line (--partition), not in the sweep")
+        raise _no_partition(f"{where}.{key}")
     if dotted not in config_keys():
         sections = ", ".join(SECTIONS)
         raise SweepError(
@@ -495,62 +506,59 @@ def _absolute_paths(base: dict, relative_to: Path) -> dict:
     return base
 
 
-def load_sweep(source: str | os.PathLike | dict, *, name: str | None = None) -> SweepSpec:
-    """Read and check a sweep definition (a YAML path or a mapping); raise :class:`SweepError`.
+def _no_partition(where: str) -> SweepError:
+    """The one refusal of a partition inside a sweep file: it belongs to the command line."""
+    return SweepError(f"{where}: give the partition on the command line (--partition), not in the sweep")
 
-    A relative ``base`` path is read relative to the sweep file; relative data paths inside the
-    base (``data.cache_dir``, ``data.root``) are made absolute against the current directory,
-    where the user types the command.
-    """
+
+def _read_tree(source: str | os.PathLike | dict, name: str | None) -> tuple[dict, Path, str | None, str]:
+    """(the sweep's mapping, the folder its relative ``base`` is read from, its file, its default name)."""
     if isinstance(source, dict):
-        tree = copy.deepcopy(source)
-        folder = Path.cwd()
-        src = None
-        default_name = name or "sweep"
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise SweepError(f"sweep file {path} does not exist")
-        try:
-            tree = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise SweepError(f"sweep file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-        if not isinstance(tree, dict):
-            raise SweepError(f"sweep file {path} must hold a mapping (keys: {', '.join(TOP_LEVEL_KEYS)})")
-        folder = path.resolve().parent
-        src = str(path)
-        default_name = name or f"{path.resolve().parent.name}-{path.stem}"
-    _check_unknown(tree, TOP_LEVEL_KEYS, "")
+        return copy.deepcopy(source), Path.cwd(), None, name or "sweep"
+    path = Path(source)
+    if not path.is_file():
+        raise SweepError(f"sweep file {path} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise SweepError(f"sweep file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(tree, dict):
+        raise SweepError(f"sweep file {path} must hold a mapping (keys: {', '.join(TOP_LEVEL_KEYS)})")
+    return tree, path.resolve().parent, str(path), name or f"{path.resolve().parent.name}-{path.stem}"
 
-    # base training config
-    base_value = tree.get("base")
-    if base_value is None:
+
+def _base(value: Any, folder: Path) -> dict:
+    """``base:``: a training YAML (relative to the sweep file) or inline sections; data paths made
+    absolute against the current directory, where the user types the command."""
+    if value is None:
         base = {}
-    elif isinstance(base_value, str):
-        base_path = (folder / base_value) if not os.path.isabs(base_value) else Path(base_value)
+    elif isinstance(value, str):
+        base_path = (folder / value) if not os.path.isabs(value) else Path(value)
         if not base_path.is_file():
             raise SweepError(f"base: training config {base_path} does not exist")
         base = yaml.safe_load(base_path.read_text()) or {}
         if not isinstance(base, dict):
             raise SweepError(f"base: {base_path} must hold a mapping of sections ({', '.join(SECTIONS)})")
-    elif isinstance(base_value, dict):
-        base = base_value
+    elif isinstance(value, dict):
+        base = value
     else:
-        raise SweepError(f"base must be a path to a training YAML or a mapping of sections, got {base_value!r}")
+        raise SweepError(f"base must be a path to a training YAML or a mapping of sections, got {value!r}")
     for section in base:
         if section not in SECTIONS:
             raise SweepError(f"unknown key base.{section} (allowed: {', '.join(SECTIONS)})")
-    base = _absolute_paths(base, Path.cwd())
+    return _absolute_paths(base, Path.cwd())
 
-    overrides = {}
-    for key, value in _check_mapping(tree.get("overrides"), "overrides").items():
-        overrides[_canonical(key, "overrides")] = value
+
+def _overrides(value: Any, base: dict) -> dict:
+    overrides = {_canonical(key, "overrides"): v for key, v in _check_mapping(value, "overrides").items()}
     if "launch.partition" in overrides or "partition" in (base.get("launch") or {}):
-        raise SweepError("launch.partition: give the partition on the command line (--partition), not in the sweep")
+        raise _no_partition("launch.partition")
+    return overrides
 
-    grid = _grid(_check_mapping(tree.get("grid"), "grid"))
+
+def _sample(value: Any, grid: dict) -> dict:
     sample = {}
-    for key, value in _check_mapping(tree.get("sample"), "sample").items():
+    for key, spec in _check_mapping(value, "sample").items():
         dotted = _canonical(key, "sample")
         if dotted in sample:
             raise SweepError(f"sample.{key} repeats the axis {dotted}")
@@ -560,37 +568,42 @@ def load_sweep(source: str | os.PathLike | dict, *, name: str | None = None) -> 
             raise SweepError(
                 f"sample.{key}: data keys must be grid axes (datasets are prepared before the trials start)"
             )
-        sample[dotted] = _distribution(key, value)
+        sample[dotted] = _distribution(key, spec)
     if not grid and not sample:
         raise SweepError("empty search space: give grid axes, sample axes or both")
+    return sample
 
-    num_samples = _int(tree.get("num_samples", 1), "num_samples", 1)
+
+def _metric_and_mode(tree: dict) -> tuple[str, str]:
     metric = tree.get("metric", "knn_acc")
     if metric not in METRICS:
         raise SweepError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     mode = tree.get("mode", METRICS[metric][0])
     if mode not in ("max", "min"):
         raise SweepError(f"mode must be one of max, min, got {mode!r}")
+    return metric, mode
 
-    sched_tree = tree.get("scheduler", "none")
-    if isinstance(sched_tree, str) or sched_tree is None:
-        sched_tree = {"name": sched_tree or "none"}
-    sched_tree = _check_mapping(sched_tree, "scheduler")
-    _check_unknown(sched_tree, SCHEDULER_KEYS, "scheduler")
-    sched_name = sched_tree.get("name", "none")
-    if sched_name not in ("none", "asha"):
-        raise SweepError(f"scheduler.name must be one of none, asha, got {sched_name!r}")
-    group_by = sched_tree.get("group_by", list(DEFAULT_GROUP_BY))
+
+def _scheduler(value: Any, metric: str) -> SchedulerSpec:
+    """``scheduler:``: a name (``none``, ``asha``) or a mapping of :data:`SCHEDULER_KEYS`."""
+    if isinstance(value, str) or value is None:
+        value = {"name": value or "none"}
+    tree = _check_mapping(value, "scheduler")
+    _check_unknown(tree, SCHEDULER_KEYS, "scheduler")
+    name = tree.get("name", "none")
+    if name not in ("none", "asha"):
+        raise SweepError(f"scheduler.name must be one of none, asha, got {name!r}")
+    group_by = tree.get("group_by", list(DEFAULT_GROUP_BY))
     if not isinstance(group_by, list):
         raise SweepError(f"scheduler.group_by must be a list of dotted config keys, got {group_by!r}")
     group_by = tuple(_canonical(k, "scheduler.group_by") for k in group_by)
-    reduction = _number(sched_tree.get("reduction_factor", 2), "scheduler.reduction_factor")
+    reduction = _number(tree.get("reduction_factor", 2), "scheduler.reduction_factor")
     if reduction <= 1:
-        raise SweepError(f"scheduler.reduction_factor must be > 1, got {sched_tree.get('reduction_factor')!r}")
-    max_t = sched_tree.get("max_t")
+        raise SweepError(f"scheduler.reduction_factor must be > 1, got {tree.get('reduction_factor')!r}")
+    max_t = tree.get("max_t")
     scheduler = SchedulerSpec(
-        name=sched_name,
-        grace_period=_int(sched_tree.get("grace_period", 1), "scheduler.grace_period", 1),
+        name=name,
+        grace_period=_int(tree.get("grace_period", 1), "scheduler.grace_period", 1),
         reduction_factor=reduction,
         max_t=None if max_t is None else _int(max_t, "scheduler.max_t", 1),
         group_by=group_by,
@@ -601,31 +614,73 @@ def load_sweep(source: str | os.PathLike | dict, *, name: str | None = None) -> 
             f"metric {metric} arrives only when a trial ends: scheduler.name asha needs one reported during "
             f"training ({reported})"
         )
+    return scheduler
 
-    search_tree = tree.get("search", "random")
-    if isinstance(search_tree, str) or search_tree is None:
-        search_tree = {"algorithm": search_tree or "random"}
-    search_tree = _check_mapping(search_tree, "search")
-    _check_unknown(search_tree, SEARCH_KEYS, "search")
-    algorithm = search_tree.get("algorithm", "random")
+
+def _search(value: Any, sample: dict) -> SearchSpec:
+    """``search:``: an algorithm name (``random``, ``tpe``) or a mapping of :data:`SEARCH_KEYS`."""
+    if isinstance(value, str) or value is None:
+        value = {"algorithm": value or "random"}
+    tree = _check_mapping(value, "search")
+    _check_unknown(tree, SEARCH_KEYS, "search")
+    algorithm = tree.get("algorithm", "random")
     if algorithm not in ("random", "tpe"):
         raise SweepError(f"search.algorithm must be one of random, tpe, got {algorithm!r}")
     if algorithm == "tpe" and not sample:
         raise SweepError("search.algorithm tpe needs sample axes (a pure grid has nothing to optimise)")
-    search = SearchSpec(
+    return SearchSpec(
         algorithm=algorithm,
-        seed=_int(search_tree.get("seed", 0), "search.seed", 0),
-        n_startup_trials=_int(search_tree.get("n_startup_trials", 4), "search.n_startup_trials", 1),
+        seed=_int(tree.get("seed", 0), "search.seed", 0),
+        n_startup_trials=_int(tree.get("n_startup_trials", 4), "search.n_startup_trials", 1),
     )
 
-    launch = _check_mapping(tree.get("launch"), "launch")
+
+def _launch(value: Any) -> dict:
+    """``launch:``: per-trial job resources, any field of the config's launch section but the partition."""
+    launch = _check_mapping(value, "launch")
     if "partition" in launch:
-        raise SweepError("launch.partition: give the partition on the command line (--partition), not in the sweep")
+        raise _no_partition("launch.partition")
     launch_fields = {k.split(".", 1)[1] for k in config_keys() if k.startswith("launch.")}
     for key in launch:
         if key not in launch_fields:
             raise SweepError(f"unknown key launch.{key} (allowed: {', '.join(sorted(launch_fields))})")
+    return dict(launch)
 
+
+def _check_budget(spec: SweepSpec) -> None:
+    """The name, the poll interval, and the trial count against ``max_trials``."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", spec.name):
+        raise SweepError(f"name must be letters, digits, '.', '_' or '-', got {spec.name!r}")
+    if spec.poll_interval_s <= 0:
+        raise SweepError(f"poll_interval_s must be > 0, got {spec.poll_interval_s!r}")
+    n = spec.num_trials()
+    if n <= 100 * spec.max_trials:  # count exactly (identical trials are planned once) unless absurd
+        n = sum(1 for _ in spec.plan_params())
+    if n > spec.max_trials:
+        sizes = " x ".join(f"{len(v)} {k}" for k, v in spec.grid.items())
+        sizes = f"{sizes} x {spec.num_samples} samples" if sizes else f"{spec.num_samples} samples"
+        raise SweepError(f"max_trials: the sweep has {sizes} = {n} distinct trials, more than max_trials {spec.max_trials}")
+
+
+def load_sweep(source: str | os.PathLike | dict, *, name: str | None = None) -> SweepSpec:
+    """Read and check a sweep definition (a YAML path or a mapping); raise :class:`SweepError`.
+
+    A relative ``base`` path is read relative to the sweep file; relative data paths inside the
+    base (``data.cache_dir``, ``data.root``) are made absolute against the current directory,
+    where the user types the command. Each section has its parser above; they run in the order
+    of the file's documentation, so the first wrong key is the one reported.
+    """
+    tree, folder, src, default_name = _read_tree(source, name)
+    _check_unknown(tree, TOP_LEVEL_KEYS, "")
+    base = _base(tree.get("base"), folder)
+    overrides = _overrides(tree.get("overrides"), base)
+    grid = _grid(_check_mapping(tree.get("grid"), "grid"))
+    sample = _sample(tree.get("sample"), grid)
+    num_samples = _int(tree.get("num_samples", 1), "num_samples", 1)
+    metric, mode = _metric_and_mode(tree)
+    scheduler = _scheduler(tree.get("scheduler", "none"), metric)
+    search = _search(tree.get("search", "random"), sample)
+    launch = _launch(tree.get("launch"))
     spec = SweepSpec(
         name=str(tree.get("name") or default_name),
         base=base,
@@ -639,20 +694,10 @@ def load_sweep(source: str | os.PathLike | dict, *, name: str | None = None) -> 
         search=search,
         max_concurrent=_int(tree.get("max_concurrent", 4), "max_concurrent", 1),
         max_trials=_int(tree.get("max_trials", DEFAULT_MAX_TRIALS), "max_trials", 1),
-        launch=dict(launch),
+        launch=launch,
         poll_interval_s=_number(tree.get("poll_interval_s", 0.5), "poll_interval_s"),
         description=str(tree.get("description") or ""),
         source=src,
     )
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", spec.name):
-        raise SweepError(f"name must be letters, digits, '.', '_' or '-', got {spec.name!r}")
-    if spec.poll_interval_s <= 0:
-        raise SweepError(f"poll_interval_s must be > 0, got {spec.poll_interval_s!r}")
-    n = spec.num_trials()
-    if n <= 100 * spec.max_trials:  # count exactly (identical trials are planned once) unless absurd
-        n = sum(1 for _ in spec.plan_params())
-    if n > spec.max_trials:
-        sizes = " x ".join(f"{len(v)} {k}" for k, v in grid.items())
-        sizes = f"{sizes} x {num_samples} samples" if sizes else f"{num_samples} samples"
-        raise SweepError(f"max_trials: the sweep has {sizes} = {n} distinct trials, more than max_trials {spec.max_trials}")
+    _check_budget(spec)
     return spec
