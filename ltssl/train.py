@@ -296,7 +296,8 @@ class Runtime:
         return self.rank == 0
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
+        """The precision context of a forward pass: bf16 autocast on this device (CUDA or CPU), or nothing."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -307,8 +308,17 @@ class Runtime:
             dist.destroy_process_group()
 
 
+def _on_device(setting: bool | None, on_cuda: bool) -> bool:
+    """A precision setting (``train.amp``, ``train.channels_last``): None = on with CUDA only; else as given, CPU too."""
+    return on_cuda if setting is None else setting
+
+
 def build_runtime(cfg: Config) -> Runtime:
-    """Pick the device, join the process group (see :func:`setup_distributed`), set the GPU's math modes."""
+    """Pick the device, join the process group (see :func:`setup_distributed`), set the GPU's math modes.
+
+    ``train.device: cuda`` without a CUDA device is a one-line ConfigError; ``train.amp`` and
+    ``train.channels_last`` apply on the CPU too when set to true (bf16 autocast works there).
+    """
     want_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
     if want_cuda and not torch.cuda.is_available():
         raise ConfigError("train.device is cuda but no CUDA device is available")
@@ -316,7 +326,7 @@ def build_runtime(cfg: Config) -> Runtime:
     device = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
     on_cuda = device.type == "cuda"
     rt = Runtime(device, rank, world, local_rank, owns_group, cfg.train.batch_size // world,
-                 amp=cfg.train.amp and on_cuda, channels_last=cfg.train.channels_last and on_cuda)
+                 amp=_on_device(cfg.train.amp, on_cuda), channels_last=_on_device(cfg.train.channels_last, on_cuda))
     if cfg.train.batch_size % world:
         rt.close()
         raise ConfigError(f"train.batch_size must be divisible by the world size {world}, got {cfg.train.batch_size}")

@@ -58,7 +58,7 @@ def extract_features(encoder: torch.nn.Module, batches: Iterable[dict], device, 
             x = batch["image"].to(device, non_blocking=True)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):  # bf16 on CUDA or the CPU
                 f = encoder(x)
             feats.append(f.float())
             labels.append(batch["label"].to(device).long())
