@@ -17,7 +17,6 @@ uninterrupted epoch e, which is what a resumed job needs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing
 import os
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ltssl.io import atomic_write_text
+from ltssl.io import atomic_write_text, file_sha256
 
 from .augment import Recipe, eval_transform, generator_for, get_recipe, make_views
 from .errors import DataError
@@ -65,14 +64,6 @@ def meta_path(beton: str | os.PathLike) -> Path:
     """The sidecar JSON of a .beton file: ``<file>.json``."""
     beton = Path(beton)
     return beton.with_name(beton.name + ".json")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return "sha256:" + digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------- writing
@@ -257,16 +248,14 @@ def _fsync_dir(folder: Path) -> None:
 
 # ----------------------------------------------------------------------------- checking
 
-_VERIFIED: dict[tuple, dict] = {}
-
-
 def open_beton(beton: str | os.PathLike, verify: str = "auto") -> tuple[dict, object]:
     """Check a .beton file and return (sidecar meta, ffcv Reader).
 
     verify: "full" (sha256 of the file), "size" (size + FFCV header), "auto" (full up to 2 GiB).
     Raises DataError on a missing file or sidecar, a size or checksum mismatch, an FFCV header
     that does not parse, missing fields, labels out of range or index values that are not
-    0..n-1. A successful full check is remembered per (path, size, mtime) in this process.
+    0..n-1. The checksum is remembered per (path, size, mtime, inode) in this process
+    (:func:`ltssl.io.file_sha256`), so the loaders of a prepared dataset do not hash it again.
     """
     beton = Path(beton)
     if not beton.is_file():
@@ -284,11 +273,10 @@ def open_beton(beton: str | os.PathLike, verify: str = "auto") -> tuple[dict, ob
     st = beton.stat()
     if st.st_size != expected_size:
         raise DataError(f"{beton} is truncated or corrupt: {st.st_size} bytes, expected {expected_size}")
-    key = (str(beton.resolve()), st.st_size, st.st_mtime_ns)
     if verify not in ("full", "size", "auto"):
         raise DataError(f"verify must be full, size or auto, got {verify!r}")
     full = verify == "full" or (verify == "auto" and st.st_size <= VERIFY_FULL_MAX_BYTES)
-    if full and key not in _VERIFIED:
+    if full:
         digest = file_sha256(beton)
         if digest != meta.get("sha256"):
             raise DataError(f"{beton} is corrupt: sha256 {digest[7:19]}... differs from its sidecar's {str(meta.get('sha256'))[7:19]}...")
@@ -311,8 +299,6 @@ def open_beton(beton: str | os.PathLike, verify: str = "auto") -> tuple[dict, ob
     index = _column(reader, "index")
     if not np.array_equal(index, np.arange(n)):
         raise DataError(f"{beton}: the index field is not 0..{n - 1} in file order")
-    if full:
-        _VERIFIED[key] = meta
     return meta, reader
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ltssl.io import atomic_write_text
+from ltssl.io import atomic_write_text, file_sha256
 
 from .errors import DataError
 from .longtail import (
@@ -47,6 +47,10 @@ SPLITS = ("train", "test", "probe")
 # A configured data.imbalance_ratio agrees with a published split's n_max / n_min within 0.1 %:
 # four significant digits (71.43 for 500 / 7) are enough to state it.
 RATIO_RTOL = 1e-3
+# Prepared .beton files this large are hashed once per (size, mtime, inode), remembered in
+# VERIFIED_STAMPS; smaller ones are hashed on every check (a fraction of a second).
+STAMP_MIN_BYTES = 256 << 20
+VERIFIED_STAMPS = ".verified.json"
 
 
 @dataclass
@@ -482,7 +486,7 @@ def _from_dir(root: Path, manifest: dict, ood: PreparedDataset | None = None) ->
 
 
 def _cached(root: Path) -> dict | None:
-    """The manifest of a complete prepared folder (files present with their recorded sizes), else None."""
+    """The manifest of a complete prepared folder (its files are checked by :func:`verify_prepared`), else None."""
     mpath = root / MANIFEST
     if not mpath.is_file():
         return None
@@ -490,27 +494,69 @@ def _cached(root: Path) -> dict | None:
         manifest = json.loads(mpath.read_text())
     except ValueError:
         return None
-    if not manifest.get("complete"):
-        return None
+    return manifest if manifest.get("complete") else None
+
+
+def _load_stamps(root: Path) -> dict:
+    try:
+        stamps = json.loads((root / VERIFIED_STAMPS).read_text())
+    except (OSError, ValueError):
+        return {}
+    return stamps if isinstance(stamps, dict) else {}
+
+
+def _save_stamps(root: Path, stamps: dict) -> None:
+    try:
+        atomic_write_text(root / VERIFIED_STAMPS, json.dumps(stamps))
+    except OSError:
+        pass  # a read-only shared cache: big files are hashed again next time, nothing else changes
+
+
+def verify_prepared(root: Path, manifest: dict) -> None:
+    """Check each .beton of a prepared folder against the size and sha256 its manifest records.
+
+    Raises DataError naming the file (and how to rebuild) on a missing, truncated or corrupt
+    file. Files of ``STAMP_MIN_BYTES`` or more are hashed once per (size, mtime, inode): the
+    result is kept in ``root/.verified.json``, so each job of a sweep does not re-read gigabytes.
+    """
+    stamps = _load_stamps(root)
+    fresh = dict(stamps)
     for split in SPLITS:
-        info = manifest["files"].get(split)
-        f = root / f"{split}.beton"
-        if not info or not f.is_file() or f.stat().st_size != info["size_bytes"]:
-            return None
-    return manifest
+        info = manifest["files"].get(split) or {}
+        f = root / info.get("path", f"{split}.beton")
+        rebuild = f"delete {root} to rebuild it"
+        if not f.is_file():
+            raise DataError(f"{f} is missing from the prepared dataset: {rebuild}")
+        st = f.stat()
+        if st.st_size != info.get("size_bytes"):
+            raise DataError(f"{f} is truncated or corrupt: {st.st_size} bytes, the manifest records {info.get('size_bytes')}; {rebuild}")
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino, info.get("sha256")]
+        if st.st_size >= STAMP_MIN_BYTES and stamps.get(f.name) == stamp:
+            continue
+        digest = file_sha256(f)
+        if digest != info.get("sha256"):
+            raise DataError(f"{f} is corrupt: sha256 {digest[7:19]}... differs from the manifest's "
+                            f"{str(info.get('sha256'))[7:19]}...; {rebuild}")
+        if st.st_size >= STAMP_MIN_BYTES:
+            fresh[f.name] = stamp
+    if fresh != stamps:
+        _save_stamps(root, fresh)
 
 
 def _build_cached(data_cfg: Any, cache_dir: Path) -> tuple[Path, dict]:
+    """The prepared folder of ``data_cfg`` and its manifest: the cached one (verified), else built now."""
     name = dataset_dir_name(data_cfg)
     final = cache_dir / name
     manifest = _cached(final)
     if manifest is not None:
+        verify_prepared(final, manifest)
         return final, manifest
     cache_dir.mkdir(parents=True, exist_ok=True)
     with open(cache_dir / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per dataset; the others wait, then read its result
         manifest = _cached(final)
-        if manifest is not None:
+        if manifest is not None:  # built by another process while this one waited
+            verify_prepared(final, manifest)
             return final, manifest
         tmp = cache_dir / f".{name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -544,8 +590,10 @@ def prepare_dataset(data_cfg: Any) -> PreparedDataset:
 
     Idempotent and cached: the folder name derives from every option that decides the content
     and from the source's identity (file sizes and mtimes), so a cached call only reads a manifest
-    and stats three files. Concurrent calls build once (file lock); a build is made in a
-    temporary folder and renamed. Raises DataError (one line) on bad input before any work.
+    and checks the three files against the checksums it records (:func:`verify_prepared`; a
+    truncated or corrupt file is a DataError naming it, before any training). Concurrent calls
+    build once (file lock); a build is made in a temporary folder and renamed. Raises DataError
+    (one line) on bad input before any work.
     """
     opts = _options(data_cfg)
     check_options(opts)
