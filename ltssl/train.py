@@ -683,6 +683,7 @@ def run_epochs(job: Job, gate: BoundaryGate, step_hook: Callable[[dict], None] |
     while job.epoch < cfg.train.epochs:
         refresh_train_features(job)
         gate.open()
+        window.restart()  # step throughput counts steps only: the refresh has its own line (refresh_s)
         for batch in job.loader.epoch(job.epoch, job.step_in_epoch):
             lr = learning_rate(cfg.optim, job.global_step, job.steps_per_epoch, cfg.train.epochs)
             for group in job.optimizer.param_groups:
@@ -701,7 +702,6 @@ def run_epochs(job: Job, gate: BoundaryGate, step_hook: Callable[[dict], None] |
                 step_hook({"epoch": job.epoch, "step_in_epoch": job.step_in_epoch, "global_step": job.global_step})
         end_epoch(job, window)
         gate.open()
-        window.restart()
 
 
 def finish(job: Job) -> dict:

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import threading
+import types
 from pathlib import Path
 
 import pytest
@@ -215,6 +216,30 @@ def test_tracker_gets_every_metrics_line_and_the_result_or_none_when_stopped(cac
         train(_cfg(cache_dir, **{"train.epochs": 1, "train.log_every": 1}), tmp_path / "run-nan")
     assert len(trackers) == 2 and trackers[1].closed == [None]
     assert trackers[1].lines == _lines(tmp_path / "run-nan")
+
+
+def test_step_throughput_excludes_the_kde_refresh(cache_dir, tmp_path, monkeypatch):
+    """The refresh is made to last 10^6 s on the trainer's clock: the step lines' windows must not contain it."""
+    import ltssl.train as train_module
+
+    clock = {"offset": 0.0}
+    real_time, real_kde = train_module.time.time, train_module.kde_weights
+
+    def slow_kde(*args, **kwargs):
+        out = real_kde(*args, **kwargs)
+        clock["offset"] += 1e6
+        return out
+
+    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(time=lambda: real_time() + clock["offset"]))
+    monkeypatch.setattr(train_module, "kde_weights", slow_kde)
+    cfg = _cfg(cache_dir, **{"train.epochs": 2, "train.log_every": 2, "train.eval_every": 0, "eval.linear_epochs": 0})
+    train(cfg, tmp_path / "run")
+    lines = _lines(tmp_path / "run")
+    refreshes = [i for i, line in enumerate(lines) if line.get("kde_refresh")]
+    assert len(refreshes) == 2 and all(lines[i]["refresh_s"] >= 1e6 for i in refreshes)
+    for i in refreshes:  # the first step line after each refresh: 2 steps of 64 images in well under 10^6 s
+        first = next(line for line in lines[i + 1:] if "loss" in line)
+        assert first["images_per_s"] > 2 * 64 / 1e6
 
 
 # ----------------------------------------------------------------------------- DDP
