@@ -78,6 +78,12 @@ def _uniform(gen: torch.Generator, n: int, low: float, high: float) -> torch.Ten
     return torch.rand(n, generator=gen, dtype=torch.float64) * (high - low) + low
 
 
+def _np(fn, x: torch.Tensor) -> torch.Tensor:
+    """``fn`` (a numpy ufunc) of a small CPU tensor: torch runs exp/sqrt on a few thousand elements on
+    every intra-op thread, and the waiting threads cost far more CPU time than the work itself."""
+    return torch.from_numpy(fn(x.numpy()))
+
+
 def crop_boxes(gen: torch.Generator, n: int, height: int, width: int, scale, ratio) -> torch.Tensor:
     """Per-sample crop boxes (top, left, h, w) as torchvision's RandomResizedCrop.get_params draws them.
 
@@ -90,9 +96,9 @@ def crop_boxes(gen: torch.Generator, n: int, height: int, width: int, scale, rat
     log_lo, log_hi = math.log(ratio[0] * aspect), math.log(ratio[1] * aspect)
     trials = 10
     target = area * _uniform(gen, n * trials, scale[0], scale[1]).view(n, trials)
-    ar = torch.exp(_uniform(gen, n * trials, log_lo, log_hi)).view(n, trials)
-    w = torch.round(torch.sqrt(target * ar))
-    h = torch.round(torch.sqrt(target / ar))
+    ar = _np(np.exp, _uniform(gen, n * trials, log_lo, log_hi)).view(n, trials)
+    w = torch.round(_np(np.sqrt, target * ar))
+    h = torch.round(_np(np.sqrt, target / ar))
     ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
     # central fallback, torchvision's rule
@@ -345,24 +351,34 @@ def augment_view(images01: torch.Tensor, gen: torch.Generator, recipe: Recipe, s
 
 
 def make_views(images_uint8: torch.Tensor, gen: torch.Generator, recipe: Recipe, size: int, num_views: int, mean, std,
-               *, fused: bool | None = None) -> list[torch.Tensor]:
+               *, index: torch.Tensor | None = None, fused: bool | None = None) -> list[torch.Tensor]:
     """``num_views`` independent views of one decoded batch uint8 [B,3,H,W] (decoded once, augmented K times).
 
-    Returns num_views normalised float32 [B,3,size,size] on the images' device. fused: the compiled
+    index: int64 [B] on the images' device: the views are those of ``images_uint8[index]`` (a gather
+    the fused kernel does in place). Returns num_views normalised float32 [B,3,size,size] on the
+    images' device. fused: the compiled
     CPU kernel (:mod:`ltssl.data.fused`) instead of batched torch ops; None = on CPU tensors. Both
     draw the same parameters from ``gen`` and agree to float rounding.
     """
     fused = images_uint8.device.type == "cpu" if fused is None else fused
     if not fused:
-        x = to_float(images_uint8)
+        x = to_float(images_uint8 if index is None else images_uint8.index_select(0, index))
         return [augment_view(x, gen, recipe, size, mean, std) for _ in range(num_views)]
     # deferred: numba's import and first compilation cost about a second; GPU-only jobs never need it
     from .fused import fused_views
 
-    b, _, h, w = images_uint8.shape
-    params = [draw_view_params(gen, b, h, w, recipe) for _ in range(num_views)]
+    _, _, h, w = images_uint8.shape
+    b = images_uint8.shape[0] if index is None else len(index)
+    threads = torch.get_num_threads()
+    # The draws are a few dozen small torch ops; on several intra-op threads each one wakes the idle
+    # threads, whose spin-waiting costs many times the work (the kernel uses its own pool of `threads`).
+    torch.set_num_threads(1)
+    try:
+        params = [draw_view_params(gen, b, h, w, recipe) for _ in range(num_views)]
+    finally:
+        torch.set_num_threads(threads)
     plain = recipe.blur_p == 0 and recipe.solarize_p == 0
-    views = fused_views(images_uint8, params, size, mean, std, normalise=plain)
+    views = fused_views(images_uint8, params, size, mean, std, normalise=plain, index=index)
     if plain:
         return views
     return [normalize(_blur_solarize(v, p), mean, std) for v, p in zip(views, params)]

@@ -70,13 +70,14 @@ def _crop(img, top, left, h, w, flip, wy, wx, fy, ly, fx, lx, tmp, out):
     _taps(top, h, height, size, wy, fy, ly)
     _taps(left, w, width, size, wx, fx, lx)
     inv255 = np.float32(1.0 / 255.0)
+    x0, x1 = fx[0], lx[size - 1]  # the columns any output column reads (taps move right with the output)
     for i in range(size):  # rows: tmp[i, x, c] (channels innermost, as the image)
-        for x in range(width):
+        for x in range(x0, x1):
             for c in range(3):
                 tmp[i, x, c] = 0.0
         for y in range(fy[i], ly[i]):
             wgt = wy[i, y]
-            for x in range(width):
+            for x in range(x0, x1):
                 for c in range(3):
                     tmp[i, x, c] += wgt * (np.float32(img[y, x, c]) * inv255)
     for j in range(size):  # columns
@@ -153,19 +154,19 @@ def _jitter(x, factors, order):
 
 
 @numba.njit(nogil=True, cache=True, fastmath=True)
-def _views(images, boxes, flips, jitter, factors, order, gray, mean, std, out, lo, hi):
-    """Views lo..hi-1: out[k] (float32 [3,S,S]) from images[k % B] (uint8 [B,H,W,3]) with sample k's parameters."""
+def _views(images, index, boxes, flips, jitter, factors, order, gray, mean, std, out, lo, hi):
+    """Views lo..hi-1: out[k] (float32 [3,S,S]) from images[index[k % B]] (uint8 [N,H,W,3]) with sample k's parameters."""
     size = out.shape[2]
     height, width = images.shape[1], images.shape[2]
     wy, wx = np.empty((size, height), np.float32), np.empty((size, width), np.float32)
     fy, ly = np.empty(size, np.int64), np.empty(size, np.int64)
     fx, lx = np.empty(size, np.int64), np.empty(size, np.int64)
     tmp = np.empty((size, width, 3), np.float32)
-    batch = images.shape[0]
+    batch = index.shape[0]
     inv_std = np.float32(1.0) / std
     for k in range(lo, hi):
         x = out[k]
-        _crop(images[k % batch], boxes[k, 0], boxes[k, 1], boxes[k, 2], boxes[k, 3], flips[k], wy, wx, fy, ly, fx, lx, tmp, x)
+        _crop(images[index[k % batch]], boxes[k, 0], boxes[k, 1], boxes[k, 2], boxes[k, 3], flips[k], wy, wx, fy, ly, fx, lx, tmp, x)
         if jitter[k]:
             _jitter(x, factors[k], order[k])
         if gray[k]:
@@ -186,14 +187,17 @@ def _pool(threads: int) -> ThreadPoolExecutor:
         return _POOL[threads]
 
 
-def fused_views(images_uint8: torch.Tensor, params: list, size: int, mean, std, *, normalise: bool = True) -> list[torch.Tensor]:
+def fused_views(images_uint8: torch.Tensor, params: list, size: int, mean, std, *, normalise: bool = True,
+                index: torch.Tensor | None = None) -> list[torch.Tensor]:
     """One view per entry of ``params`` (:class:`~ltssl.data.augment.ViewParams`) of every image, on CPU.
 
-    images_uint8: uint8 [B,3,H,W] on CPU (any memory format). Returns float32 [B,3,size,size] per view,
+    images_uint8: uint8 [N,3,H,W] on CPU (any memory format); index: int64 [B], the images to use
+    (default all: B = N), read in place (no gathered copy). Returns float32 [B,3,size,size] per view,
     normalised with mean/std (fractions of 1) when ``normalise``, else in [0,1]. Crop, flip, colour
     jitter and grayscale only: blur and solarisation are left to the caller (torch ops).
     """
-    b = images_uint8.shape[0]
+    index = np.arange(images_uint8.shape[0]) if index is None else index.numpy()
+    b = len(index)
     k = len(params)
     nhwc = images_uint8.permute(0, 2, 3, 1).numpy()  # a view: contiguous for FFCV's channels-last batches
     cat = lambda name, dtype: np.ascontiguousarray(torch.cat([getattr(p, name) for p in params]).numpy(), dtype=dtype)  # noqa: E731
@@ -208,7 +212,7 @@ def fused_views(images_uint8: torch.Tensor, params: list, size: int, mean, std, 
     out = np.empty((k * b, 3, size, size), np.float32)
     threads = max(1, min(torch.get_num_threads(), k * b))
     bounds = np.linspace(0, k * b, threads + 1).astype(int)
-    args = (nhwc, boxes, flips, jitter, factors, order, gray, m, s, out)
+    args = (nhwc, np.ascontiguousarray(index, dtype=np.int64), boxes, flips, jitter, factors, order, gray, m, s, out)
     if threads == 1:
         _views(*args, 0, k * b)
     else:

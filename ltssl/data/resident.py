@@ -113,8 +113,8 @@ class ResidentLoader:
         for step in range(int(start_step), n_batches):
             index = order[step * self.batch_size:(step + 1) * self.batch_size]
             gen = generator_for(self.seed, int(epoch), step, self.rank)
-            views = make_views(self.images.index_select(0, index), gen, self.recipe, self.image_size, self.num_views,
-                               self.mean, self.std)
+            views = make_views(self.images, gen, self.recipe, self.image_size, self.num_views, self.mean, self.std,
+                               index=index)
             yield {"views": views, "label": self.labels.index_select(0, index), "index": index.clone()}
 
 
