@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -44,8 +45,14 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+from rich.console import Console
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from ltssl.launch import slurm  # noqa: E402  (after the path insert)
+from ltssl.sweep import run_sweep  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "sweep_overhead.json"
 NOOP_TARGET = "ltssl.launch.toy:train"
@@ -91,8 +98,6 @@ def _ray_pids(ray_tmpdir: str) -> list[int]:
     """Every process the driver started, directly or not: Ray's GCS, raylet, dashboard and its
     agents, and the trial actors (Ray workers, children of the raylet). Slurm jobs are not among
     them (slurmd starts those)."""
-    import psutil
-
     try:
         return [p.pid for p in psutil.Process().children(recursive=True)]
     except psutil.Error:
@@ -112,8 +117,6 @@ class MemorySampler(threading.Thread):
         self.load: list[float] = []
 
     def run(self) -> None:
-        import psutil
-
         start_cpu = psutil.Process().cpu_times()
         self.cpu_driver_start = start_cpu.user + start_cpu.system
         while not self.stop_event.is_set():
@@ -134,8 +137,6 @@ class MemorySampler(threading.Thread):
 
     def cpu_seconds(self) -> float:
         """CPU seconds used by the driver and every process it started (as last sampled)."""
-        import psutil
-
         t = psutil.Process().cpu_times()
         return (t.user + t.system - self.cpu_driver_start) + sum(self.cpu_seen.values())
 
@@ -179,10 +180,6 @@ def summarise(values: list[float]) -> dict:
 
 
 def run_one(folder: Path, label: str, n: int, max_concurrent: int, dashboard: bool) -> dict:
-    from rich.console import Console
-
-    from ltssl.sweep.driver import run_sweep
-
     out = folder / f"out-{label}"
     sampler = MemorySampler(os.environ["RAY_TMPDIR"])
     sampler.start()
@@ -236,8 +233,6 @@ def _local_cluster() -> bool:
 
     Returns whether this call started it (then :func:`main` takes it down at the end).
     """
-    import shlex
-
     script = REPO / "slurm" / "local-cluster"
     was_up = subprocess.run([str(script), "status"], capture_output=True).returncode == 0
     up = subprocess.run([str(script), "up"], capture_output=True, text=True)
@@ -268,8 +263,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def measure(args: argparse.Namespace) -> int:
-    from ltssl.launch import slurm
-
     if "cpu" not in slurm.partitions():
         raise SystemExit("the local cluster has no partition cpu")
     os.environ["RAY_TMPDIR"] = f"/tmp/ltr-bench-{os.getpid()}"

@@ -174,3 +174,37 @@ def test_empty_results_file_keeps_the_schema(tmp_path):
     df = pd.read_parquet(path)
     assert df.empty and list(df.columns) == [f.name for f in RESULTS_SCHEMA]
     assert Config().optim.rho == 0.5  # the defaults the rows above rely on
+
+
+def test_add_keeps_one_row_per_finished_trial_and_parses_each_trial_once(tmp_path, monkeypatch):
+    """Trials end out of order, one is recorded twice (cancelled, then completed on resume): results.parquet
+    always holds exactly the finished trials, by trial id; no earlier trial's files are read again."""
+    import ltssl.results as results_module
+
+    reads: dict[str, int] = {}
+    original = results_module.read_jsonl
+
+    def counting_read(path):
+        reads[Path(path).parent.name] = reads.get(Path(path).parent.name, 0) + 1
+        return original(path)
+
+    monkeypatch.setattr(results_module, "read_jsonl", counting_read)
+    writer = ResultsWriter(tmp_path, "sw1", metric="knn_acc", mode="max")
+    order = ["t0003", "t0000", "t0005", "t0001", "t0004", "t0002"]
+    finished = []
+    for n, key in enumerate(order):
+        record = make_trial(tmp_path, key, "cancelled" if key == "t0001" else "completed", rho=0.1 * (n + 1))
+        results_path, _ = writer.add(record)
+        finished.append(key)
+        df = pd.read_parquet(results_path)
+        assert list(df["trial_id"]) == sorted(finished) and len(set(df["trial_id"])) == len(df)
+    resumed = Ledger(tmp_path).update("t0001", status="completed")
+    df = pd.read_parquet(writer.add(resumed)[0])
+    assert list(df["trial_id"]) == sorted(order) and df.set_index("trial_id").loc["t0001", "status"] == "completed"
+    # each trial's metrics parsed once; t0001 again when its own record changed, no other trial's
+    assert reads == {**{key: 1 for key in order}, "t0001": 2}
+    assert pd.read_parquet(tmp_path / "results.parquet").equals(read_results(tmp_path)[0])
+    _, metrics_path = writer.write(Ledger(tmp_path).all())
+    metrics = pd.read_parquet(metrics_path)
+    assert len(metrics) == 7 * len(order) and sorted(set(metrics["trial_id"])) == sorted(order)
+    assert reads == {**{key: 1 for key in order}, "t0001": 2}
