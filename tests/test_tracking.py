@@ -227,7 +227,7 @@ def test_wandb_online_without_login_or_a_missing_package_is_one_line_before_subm
 # ----------------------------------------------------------------------------- MLflow
 
 
-def test_mlflow_runs_nested_under_the_sweeps_parent_with_params_stepped_metrics_and_results(tmp_path):
+def test_mlflow_runs_nested_under_the_sweeps_parent_with_params_stepped_metrics_and_results(tmp_path, monkeypatch):
     run_dir = _trial_dir(tmp_path)
     sweep_dir = run_dir.parents[1]
     cfg = load_config(overrides=["tracking.mlflow=true", "tracking.tensorboard=false", "optim.rho=0.25"])
@@ -236,6 +236,7 @@ def test_mlflow_runs_nested_under_the_sweeps_parent_with_params_stepped_metrics_
     lines = _requeued_trial(lambda: open_tracker(cfg, run_dir))
     end_sweep_parent(cfg, sweep_dir)
 
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads its file store only when asked
     client = MlflowClient(tracking_uri=f"file:{sweep_dir / 'mlruns'}")
     (experiment,) = [e for e in client.search_experiments() if e.name == "ltssl"]
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
