@@ -43,6 +43,7 @@ import asyncio
 import os
 import socket
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,9 @@ DEFAULT_TARGET = "ltssl.train:train"
 #: A step without a new metrics line returns a heartbeat after this long, so Tune can stop the
 #: trial (Ctrl-C) without waiting for a job that sits in Slurm's queue.
 HEARTBEAT_S = 10.0
+
+#: Ray namespace of the sweeps' monitor actors (each named after its sweep).
+MONITOR_NAMESPACE = "ltssl-sweep"
 
 #: The monitor drops a trial it has not heard from for this long (its actor ended without saying).
 MONITOR_EXPIRY_S = 120.0
@@ -234,35 +238,147 @@ class JobMonitor:
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self.poll_interval_s)
-            now = time.monotonic()
-            for key, entry in list(self.entries.items()):
-                if now - entry.last_wait > MONITOR_EXPIRY_S:
-                    self.forget(key)
-                    continue
-                seen = entry.look()
-                if seen != entry.seen:
-                    if entry.job["executor"] == "slurm" and seen[-1] != entry.seen[-1]:
-                        self.slurm.soon()  # a result file appeared: the job is ending, ask Slurm soon
-                    entry.seen = seen
+            try:
+                await self._tick()
+            except Exception:  # pylint: disable=broad-except  # one bad look must not end the watching
+                traceback.print_exc()  # (into the actor's log under Ray's session folder)
+
+    async def _tick(self) -> None:
+        """Look at every trial's files; run a Slurm round when due; wake the trials whose job changed."""
+        now = time.monotonic()
+        for key, entry in list(self.entries.items()):
+            if now - entry.last_wait > MONITOR_EXPIRY_S:
+                self.forget(key)
+                continue
+            seen = entry.look()
+            if seen != entry.seen:
+                if entry.job["executor"] == "slurm" and seen[-1] != entry.seen[-1]:
+                    self.slurm.soon()  # a result file appeared: the job is ending, ask Slurm soon
+                entry.seen = seen
+                entry.bump()
+        ids = self.slurm.due_ids()
+        if ids is not None:
+            observation = await asyncio.to_thread(observe, ids)  # the loop keeps serving waits meanwhile
+            changed = set(self.slurm.record(ids, observation))
+            for entry in self.entries.values():
+                if entry.job["job_id"] in changed and entry.job["executor"] == "slurm":
                     entry.bump()
-            ids = self.slurm.due_ids()
-            if ids is not None:
-                observation = await asyncio.to_thread(observe, ids)  # the loop keeps serving waits meanwhile
-                changed = set(self.slurm.record(ids, observation))
-                for entry in self.entries.values():
-                    if entry.job["job_id"] in changed and entry.job["executor"] == "slurm":
-                        entry.bump()
 
 
 def monitor_handle(ctx: TrialContext):
-    """The sweep's :class:`JobMonitor` actor, created by the first trial that asks (detached: it
-    outlives that trial; the sweep's ``ray.shutdown()`` ends it). Ray restarts it if it dies: trials
-    register again with their next wait."""
+    """The sweep's :class:`JobMonitor` actor, created by the first trial that asks.
+
+    Detached, so that it outlives that trial (the sweep's ``ray.shutdown()`` ends it), in a namespace
+    of its own (a detached actor in the driver's anonymous namespace makes Ray print a warning on
+    the sweep's console), and scheduled outside the trial's placement group: by default an actor
+    created inside a Tune trial lands in that trial's group, and is killed when the group is removed
+    at the trial's end. Ray restarts it if it dies: trials register again with their next wait.
+    """
     actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(JobMonitor)
-    return actor.options(name=ctx.monitor_name, get_if_exists=True, lifetime="detached").remote(ctx.poll_interval_s)
+    return actor.options(name=ctx.monitor_name, namespace=MONITOR_NAMESPACE, get_if_exists=True, lifetime="detached",
+                         scheduling_strategy="DEFAULT").remote(ctx.poll_interval_s)
 
 
 # --------------------------------------------------------------------------- the trial
+
+
+class TrialJob:
+    """The job of one trial, followed through the sweep's monitor.
+
+    Claims the trial in the ledger, then re-attaches to its job, takes its finished result, or
+    submits (:meth:`launch`); blocks until the monitor reports a change (:meth:`wait`); its Slurm
+    handle reads the job's state from the monitor's last observation (no Slurm call of its own).
+    """
+
+    def __init__(self, ctx: TrialContext, key: str, ledger: Ledger, run_dir: Path, cfg, monitor=None):
+        self.ctx, self.key, self.ledger, self.run_dir, self.cfg = ctx, key, ledger, run_dir, cfg
+        self.monitor = monitor
+        self.handle: JobHandle | None = None
+        self.version = -1
+        self.observation: Observation | None = None
+
+    def launch(self) -> None:
+        owner = {"pid": os.getpid(), "host": socket.gethostname()}
+        deadline = time.monotonic() + 30  # a killed driver's actors take a few seconds to exit
+        while True:
+            try:
+                record = self.ledger.claim(self.key, owner=owner)
+                break
+            except LedgerClaimError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
+        action, value = reconcile(record)
+        if action in ("attach", "finished"):
+            self._follow(value)
+            self.ledger.update(self.key, status="running", job_id=value.job_id)
+        elif action == "failed":
+            self.ledger.update(self.key, error=value)
+            raise RuntimeError(value)
+        else:
+            self.ledger.update(self.key, status="submitting")
+            # The driver ran the same preflight on every distinct job shape of the sweep before the
+            # first trial; here it would import the trainer's registries (torch) in every actor.
+            self._follow(submit(self.cfg, self.run_dir, target=self.ctx.target,
+                                target_kwargs=self.ctx.target_kwargs or None, preflight=False))
+            self.ledger.update(self.key, status="running", job_id=self.handle.job_id)
+
+    def _follow(self, handle: JobHandle) -> None:
+        self.handle = handle
+        if isinstance(handle, SlurmJob):
+            handle.state_source = self._observation_of
+        if self.monitor is None:
+            self.monitor = monitor_handle(self.ctx)
+
+    def _observation_of(self, job_id: str) -> Observation:
+        # Before the monitor's first round covers the job: an empty squeue answer (state UNKNOWN,
+        # not an end), which costs no Slurm call.
+        return self.observation if self.observation is not None else Observation({}, None, time.time())
+
+    def wait(self, timeout_s: float) -> None:
+        """Block until the monitor reports a change of this job (or ``timeout_s`` seconds)."""
+        watched = {"job_id": self.handle.job_id, "executor": self.handle.executor,
+                   "files": [str(self.run_dir / "metrics.jsonl"), str(self.handle.paths(0).result_pickle)]}
+        try:
+            self.version, observation = ray.get(self.monitor.wait.remote(self.key, watched, self.version, timeout_s),
+                                                timeout=timeout_s + 30)
+            if observation is not None:
+                self.observation = observation
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+            time.sleep(self.ctx.poll_interval_s)  # the monitor restarts: look again at the files meanwhile
+
+    def done(self) -> bool:
+        return self.handle.done()
+
+    def result(self) -> Any:
+        """The job's result; a failure is written to the ledger (remote traceback) and raised."""
+        self.forget()
+        try:
+            return self.handle.result(timeout=60)
+        except LaunchError as error:  # JobFailedError, JobCancelledError
+            self.ledger.update(self.key, error=str(error))
+            raise
+
+    def state(self) -> str:
+        try:
+            return self.handle.state
+        except Exception:  # a heartbeat must not fail the trial
+            return "UNKNOWN"
+
+    def forget(self) -> None:
+        if self.monitor is not None:
+            self.monitor.forget.remote(self.key)
+
+    def cancel(self) -> None:
+        """Cancel the job if it still runs (a job the driver left running on SIGTERM stays)."""
+        self.forget()
+        if self.handle is None or (Path(self.ctx.output_dir) / DETACH_MARKER).exists():
+            return  # the driver got SIGTERM: jobs keep running and a resumed sweep re-attaches
+        try:
+            if not self.handle.done():
+                self.handle.cancel()
+        except Exception:  # the driver cancels again from on_trial_complete
+            pass
 
 
 class JobTrial(tune.Trainable):
@@ -283,9 +399,8 @@ class JobTrial(tune.Trainable):
     def setup(self, config: dict, context: TrialContext | None = None) -> None:
         self.ctx = context or self._context
         assert self.ctx is not None, "JobTrial needs its TrialContext (trial_class)"
-        self.job = None
+        self.job: TrialJob | None = None
         self.finished = True
-        self.monitor = None
         self._prepare(config)
 
     def __repr__(self) -> str:
@@ -311,84 +426,27 @@ class JobTrial(tune.Trainable):
         would leave a second job behind. Only the actor Tune trains submits.
         """
         self.key = config["trial_key"]
-        self.ledger = Ledger(self.ctx.output_dir)
-        record = self.ledger.read(self.key)
-        self.run_dir = Path(record["run_dir"])
-        self.cfg = load_config(record["config"])
-        self.job = None
+        ledger = Ledger(self.ctx.output_dir)
+        record = ledger.read(self.key)
+        run_dir = Path(record["run_dir"])
+        monitor = self.job.monitor if self.job is not None else None
+        self.job = TrialJob(self.ctx, self.key, ledger, run_dir, load_config(record["config"]), monitor)
         self.launched = False
         self.finished = False
-        self.final_seen = False
         self.queue: deque = deque()
-        self.tail = MetricsTail(self.run_dir / "metrics.jsonl")
+        self.tail = MetricsTail(run_dir / "metrics.jsonl")
         self.last_epoch = 0
-        self.version = -1
-        self.observation: Observation | None = None
-
-    def _launch(self) -> None:
-        """Claim the trial, then re-attach to its job, take its finished result, or submit."""
-        self.launched = True
-        owner = {"pid": os.getpid(), "host": socket.gethostname()}
-        deadline = time.monotonic() + 30  # a killed driver's actors take a few seconds to exit
-        while True:
-            try:
-                record = self.ledger.claim(self.key, owner=owner)
-                break
-            except LedgerClaimError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(1.0)
-        action, value = reconcile(record)
-        if action in ("attach", "finished"):
-            self._follow(value)
-            self.ledger.update(self.key, status="running", job_id=value.job_id)
-        elif action == "failed":
-            self.ledger.update(self.key, error=value)
-            raise RuntimeError(value)
-        else:
-            self.ledger.update(self.key, status="submitting")
-            # The driver ran the same preflight on every distinct job shape of the sweep before the
-            # first trial; here it would import the trainer's registries (torch) in every actor.
-            self._follow(submit(self.cfg, self.run_dir, target=self.ctx.target,
-                                target_kwargs=self.ctx.target_kwargs or None, preflight=False))
-            self.ledger.update(self.key, status="running", job_id=self.job.job_id)
-
-    def _follow(self, job: JobHandle) -> None:
-        """Follow ``job`` through the sweep's monitor: its Slurm state comes from the monitor's batched query."""
-        self.job = job
-        if isinstance(job, SlurmJob):
-            job.state_source = self._observation_of
-        if self.monitor is None:
-            self.monitor = monitor_handle(self.ctx)
-
-    def _observation_of(self, job_id: str) -> Observation:
-        # Before the monitor's first round covers the job: an empty squeue answer (state UNKNOWN,
-        # not an end), which costs no Slurm call.
-        return self.observation if self.observation is not None else Observation({}, None, time.time())
-
-    def _wait(self, timeout_s: float) -> None:
-        """Block until the monitor reports a change of this trial's job (or ``timeout_s``)."""
-        watched = {"job_id": self.job.job_id, "executor": self.job.executor,
-                   "files": [str(self.tail.path), str(self.job.paths(0).result_pickle)]}
-        try:
-            self.version, observation = ray.get(self.monitor.wait.remote(self.key, watched, self.version, timeout_s),
-                                                timeout=timeout_s + 30)
-            if observation is not None:
-                self.observation = observation
-        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
-            time.sleep(self.ctx.poll_interval_s)  # the monitor restarts: look again at the files meanwhile
 
     def _report(self, line: dict) -> dict:
         epoch = line.get("epoch")
         if isinstance(epoch, int):
             self.last_epoch = max(self.last_epoch, epoch)
-        if line.get("final"):
-            self.final_seen = True
         return {**_scalars(line), "trial_key": self.key}
 
     def step(self) -> dict:
         if not self.launched:
-            self._launch()
+            self.launched = True
+            self.job.launch()
         deadline = time.monotonic() + HEARTBEAT_S
         while True:
             if self.queue:
@@ -405,47 +463,22 @@ class JobTrial(tune.Trainable):
                 return self._final()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return {"trial_key": self.key, "heartbeat": True, "job_state": self._state()}
-            self._wait(remaining)
+                return {"trial_key": self.key, "heartbeat": True, "job_state": self.job.state()}
+            self.job.wait(remaining)
 
     def _final(self) -> dict:
-        result = self._result()
+        result = self.job.result()
         self.finished = True
-        self._forget()
         out = _scalars(result if isinstance(result, dict) else {})
         out.setdefault("epoch", out.get("epochs_run", self.last_epoch))
         return {**out, "trial_key": self.key, "final": True, "done": True}
 
-    def _result(self) -> Any:
-        """The job's result; a failure is written to the ledger (remote traceback) and raised."""
-        try:
-            return self.job.result(timeout=60)
-        except LaunchError as error:  # JobFailedError, JobCancelledError
-            self.ledger.update(self.key, error=str(error))
-            raise
-
-    def _state(self) -> str:
-        try:
-            return self.job.state
-        except Exception:  # a heartbeat must not fail the trial
-            return "UNKNOWN"
-
-    def _forget(self) -> None:
-        if self.monitor is not None:
-            self.monitor.forget.remote(self.key)
-
     def cleanup(self) -> None:
         """Tune stops the trial (scheduler, Ctrl-C) or it ended: cancel a job that still runs."""
-        self._forget()
-        if self.job is None or self.finished:
-            return
-        if (Path(self.ctx.output_dir) / DETACH_MARKER).exists():
-            return  # the driver got SIGTERM: jobs keep running and a resumed sweep re-attaches
-        try:
-            if not self.job.done():
-                self.job.cancel()
-        except Exception:  # the driver cancels again from on_trial_complete
-            pass
+        if self.job is not None and not self.finished:
+            self.job.cancel()
+        elif self.job is not None:
+            self.job.forget()
 
     # The job checkpoints itself (run_dir/checkpoints); Tune needs these to exist all the same.
     def save_checkpoint(self, checkpoint_dir: str) -> dict:
