@@ -315,3 +315,50 @@ def test_training_goes_on_when_a_tracker_raises(tmp_path, monkeypatch, caplog):
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert _close(event_scalars(tmp_path / "run")["loss"], _expected(lines)["loss"])
     assert event_scalars(tmp_path / "run")["knn_acc"][-1][1] == pytest.approx(result["knn_acc"])
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_resumed_training_continues_each_trackers_run_without_duplicated_steps(tmp_path, monkeypatch):
+    """A real digits training cut mid-epoch 2 (its checkpoint is epoch 1's), then resumed in the same
+    run folder: TensorBoard, W&B and MLflow each hold one run whose steps continue, each step once."""
+    from ltssl.train import train
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    run_dir = _trial_dir(tmp_path)
+    cfg = load_config(REPO / "sweeps" / "digits_lt" / "train.yaml",
+                      {"data.cache_dir": str(tmp_path / "data"), "train.epochs": 2, "train.eval_every": 1,
+                       "train.log_every": 1, "eval.linear_epochs": 2, "optim.name": "sgd",
+                       "tracking.wandb_project": "ltssl-test", "tracking.wandb_mode": "offline", "tracking.mlflow": True})
+
+    def hook(info):
+        if info["epoch"] == 1 and info["step_in_epoch"] == 2:
+            raise _Stop()
+
+    with pytest.raises(_Stop):
+        train(cfg, run_dir, step_hook=hook)
+    result = train(cfg, run_dir)
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (resumed,) = [line for line in lines if line.get("resumed")]
+    cut = lines.index(resumed)
+    first_attempt_last = max(line["step"] for line in lines[:cut])
+    assert any("loss" in line and line["step"] <= first_attempt_last for line in lines[cut:])  # steps were re-run
+    want = _expected(lines)
+
+    tensorboard = event_scalars(run_dir)
+    for key in ("loss", "lr", "knn_acc", "linear_acc"):
+        assert _close(tensorboard[key], want[key]), key
+
+    runs = [offline_run(f) for f in sorted((run_dir / "wandb").glob("offline-run-*"))]
+    assert len(runs) == 2 and {r["id"] for r in runs} == {"demo-20261130-000000-t0003"}
+    steps = [row["_step"] for row in runs[1]["history"]]
+    assert steps == sorted(set(steps)) and steps[0] > resumed["step"]  # the second attempt goes on after the checkpoint
+    assert runs[1]["summary"]["knn_acc"] == pytest.approx(result["knn_acc"])
+
+    client = MlflowClient(tracking_uri=f"file:{run_dir.parents[1] / 'mlruns'}")
+    (trial,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()]) if r.info.run_name == "t0003"]
+    history = [m.step for m in client.get_metric_history(trial.info.run_id, "loss")]
+    assert sorted(history) == [s for s, _ in want["loss"]]  # each step once
+    assert trial.info.status == "FINISHED" and trial.data.metrics["knn_acc"] == pytest.approx(result["knn_acc"])
