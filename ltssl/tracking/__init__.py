@@ -26,7 +26,7 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from ltssl.config import ConfigError
-from ltssl.tracking.common import RunIdentity, Tracker
+from ltssl.tracking.common import RunIdentity, Tracker, wandb_mode
 
 __all__ = ["Tracker", "RunIdentity", "open_tracker", "check", "sweep_parent", "end_sweep_parent"]
 
@@ -135,8 +135,7 @@ def check(cfg: Any) -> None:
             raise ConfigError(f"{key}: the {PACKAGES[name]} package is not installed (make install installs it)")
     t = cfg.tracking
     if t.wandb_project is not None:
-        mode = t.wandb_mode or os.environ.get("WANDB_MODE") or "online"
-        if mode not in ("offline", "disabled", "dryrun") and not _wandb_logged_in():
+        if wandb_mode(cfg) not in ("offline", "disabled", "dryrun") and not _wandb_logged_in():
             raise ConfigError(
                 f"tracking.wandb_project {t.wandb_project!r}: not logged in to W&B (run `wandb login`, set WANDB_API_KEY, "
                 "or tracking.wandb_mode=offline)"

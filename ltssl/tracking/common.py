@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,11 @@ class RunIdentity:
         characters (``:;,#?/'``) and whitespace become ``_``."""
         name = f"{self.sweep_id}-{self.trial_id}" if self.sweep_id else self.trial_id
         return re.sub(r"[:;,#?/'\s]", "_", name)
+
+
+def wandb_mode(cfg: Any) -> str:
+    """``tracking.wandb_mode``, else ``WANDB_MODE``, else online."""
+    return cfg.tracking.wandb_mode or os.environ.get("WANDB_MODE") or "online"
 
 
 def scalars(line: dict[str, Any]) -> dict[str, float]:

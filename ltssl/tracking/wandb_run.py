@@ -18,12 +18,7 @@ import wandb
 from wandb.proto import wandb_internal_pb2
 
 from ltssl.config import to_dict
-from ltssl.tracking.common import RunIdentity, Tracker, scalars, summary_row
-
-
-def wandb_mode(cfg: Any) -> str:
-    """``tracking.wandb_mode``, else ``WANDB_MODE``, else online."""
-    return cfg.tracking.wandb_mode or os.environ.get("WANDB_MODE") or "online"
+from ltssl.tracking.common import RunIdentity, Tracker, scalars, summary_row, wandb_mode
 
 
 class WandbTracker(Tracker):
