@@ -326,3 +326,19 @@ def test_cancel_after_completion_keeps_the_result(tmp_path):
     handle.cancel()  # too late: a no-op
     assert handle.state == "COMPLETED" and handle.result() == result
     assert "cancelled" not in json.loads((tmp_path / "run" / "job.json").read_text())
+
+
+def test_a_job_whose_controller_was_killed_runs_on_and_a_reattached_handle_waits_for_it(tmp_path):
+    """A process that started the job's controller may take the controller down with it (Ray kills a
+    worker's child processes when the worker exits, e.g. after the sweep driver was SIGKILLed): the
+    tasks keep training, so a re-attached handle must see RUNNING, then the result, never FAILED."""
+    run_dir = tmp_path / "run"
+    handle = submit(local_cfg(), run_dir, target=TOY, target_kwargs={"steps": 60, "step_s": 0.1})
+    wait_for_metrics(run_dir, lines=3)
+    os.kill(int(handle.job_id), signal.SIGKILL)  # the controller only (its pid is the job id)
+    handle._process.wait(timeout=10)
+    assert pids_alive(run_dir), "the premise: the task outlives its controller"
+    attached = JobHandle.attach(run_dir)
+    assert attached.state == "RUNNING" and not attached.done()
+    assert attached.result(timeout=120)["value"] == toy.expected_value(60)
+    assert attached.state == "COMPLETED" and handle.result(timeout=5)["value"] == toy.expected_value(60)

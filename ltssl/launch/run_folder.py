@@ -22,6 +22,7 @@ END_HINTS = {
     "TIMEOUT": "it reached its time limit too often: raise launch.timeout_min or launch.max_num_timeout",
     "NODE_FAIL": "its node failed: resubmit it (with launch.requeue_on_node_failure it resumes by itself)",
 }
+MEMORY_KILL_MARK = "exceeded memory limit"  # slurmstepd: "StepId=<id>.0 exceeded memory limit (<used> > <limit>), being killed"
 
 
 class RunFolder:
@@ -105,6 +106,18 @@ class RunFolder:
             return value
         raise self._failure()
 
+    def _memory_kill(self) -> str | None:
+        """Slurm's line saying it killed the job for exceeding ``--mem``, from the tasks' logs, or None.
+
+        With cgroups Slurm ends such a job OUT_OF_MEMORY; where memory is enforced by sampling
+        (``JobAcctGatherParams=OverMemoryKill``) it ends FAILED, and only this line tells why.
+        """
+        for task in range(self.num_tasks):
+            for line in reversed(self.log_tail(task, lines=200).splitlines()):
+                if MEMORY_KILL_MARK in line:
+                    return line.split("error:", 1)[-1].strip()
+        return None
+
     def _result_after_end(self, state: str) -> Any:
         """The job has ended: rank 0's result if it comes within a few seconds, else the reason."""
         if state == "CANCELLED":
@@ -113,12 +126,16 @@ class RunFolder:
         wait_until = time.monotonic() + (5.0 if state == "COMPLETED" else 2.0)
         while True:
             outcome = self._read_result(0)
-            if outcome is not None:
-                return self._unwrap(outcome)
-            if self._task_errors():
-                raise self._failure()
-            if time.monotonic() > wait_until:
+            if outcome is not None and outcome[0] == "success":
+                return outcome[1]
+            if outcome is not None or self._task_errors() or time.monotonic() > wait_until:
                 break
             time.sleep(0.2)
+        memory = self._memory_kill() if state != "COMPLETED" else None
+        if memory is not None or state == "OUT_OF_MEMORY":
+            detail = f"{memory}; " if memory else ""
+            raise JobFailedError(f"job {self.job_id} ended OUT_OF_MEMORY ({detail}{END_HINTS['OUT_OF_MEMORY']}); stderr of task 0:", self.log_tail(0))
+        if outcome is not None or self._task_errors():
+            raise self._failure()
         hint = f" ({END_HINTS[state]})" if state in END_HINTS else ""
         raise JobFailedError(f"job {self.job_id} ended {state} without a result{hint}; stderr of task 0:", self.log_tail(0))
