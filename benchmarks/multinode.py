@@ -36,8 +36,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import torch  # noqa: E402
+
 from ltssl.config import load_config  # noqa: E402
+from ltssl.data import prepare_dataset  # noqa: E402
 from ltssl.io import atomic_write_text  # noqa: E402
+from ltssl.launch import submit  # noqa: E402
 
 LOCAL_CLUSTER = REPO / "slurm" / "local-cluster"
 NETNS = REPO / "slurm" / "lib" / "netns.sh"
@@ -136,17 +140,12 @@ def epoch_in_training(run_dir: Path) -> int:
 
 
 def max_weight_difference(run_a: Path, run_b: Path) -> float:
-    import torch
-
     a = torch.load(run_a / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["model"]
     b = torch.load(run_b / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["model"]
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].numel())
 
 
 def resumed_vs_uninterrupted(work: Path, epochs: int, crash_in_epoch: int) -> dict:
-    from ltssl.data import prepare_dataset
-    from ltssl.launch import submit
-
     cache = work / "data"
     prepare_dataset(training_cfg(cache, epochs).data)
     out: dict = {"epochs": epochs, "crash_in_epoch": crash_in_epoch}
@@ -197,8 +196,6 @@ def resumed_vs_uninterrupted(work: Path, epochs: int, crash_in_epoch: int) -> di
 
 def natural_detection(work: Path) -> dict:
     """Kill n2's processes and let Slurm find out by itself (SlurmdTimeout)."""
-    from ltssl.launch import submit
-
     cfg = load_config(overrides={"launch.partition": "cpu", "launch.nodes": 2, "launch.tasks_per_node": 1,
                                  "launch.mem_gb": 1, "launch.timeout_min": 30, "launch.signal_delay_s": 30})
     run_dir = work / "natural"

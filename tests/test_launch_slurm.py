@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from ltssl.config import load_config
+from ltssl.data import prepare_dataset
 from ltssl.launch import JobCancelledError, JobFailedError, JobHandle, LaunchError, submit
 from ltssl.launch import toy
 from waiting import wait_until
@@ -45,8 +46,6 @@ def toy_cfg(**launch):
 @pytest.fixture(scope="module")
 def data_cache(tmp_path_factory):
     """The digits-LT dataset prepared once for every real-trainer job of this module."""
-    from ltssl.data import prepare_dataset
-
     cache = tmp_path_factory.mktemp("data")
     prepare_dataset(load_config(TRAIN_YAML, {"data.cache_dir": str(cache)}).data)
     return cache

@@ -30,12 +30,17 @@ import subprocess
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
+import yaml
 
+import ltssl.data.ffcv as ffcv_module
 from ltssl.config import load_config
+from ltssl.data import prepare_dataset
 from ltssl.launch import JobFailedError, submit
+from ltssl.train import train
 from waiting import wait_until
 
 pytestmark = pytest.mark.two_nodes
@@ -60,9 +65,6 @@ def train_recording(cfg, run_dir, fail_rank: int | None = None, fail_at_step: in
     writing ``run_dir/failed_at`` with the time). ``step_sleep_s`` slows every step down (a window
     for the node-crash test; the arithmetic is unchanged).
     """
-    import ltssl.data.ffcv as ffcv_module
-    from ltssl.train import train
-
     rank = int(os.environ.get("RANK", "0"))
     restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
     log_path = Path(run_dir) / "shards" / f"rank{rank}.jsonl"
@@ -214,8 +216,6 @@ def cluster(two_node_cluster):
 @pytest.fixture(scope="module")
 def data_cache(tmp_path_factory) -> Path:
     """The prepared digits-LT dataset, built once for every job of this module."""
-    from ltssl.data import prepare_dataset
-
     cache = tmp_path_factory.mktemp("multinode-data")
     prepare_dataset(make_cfg(cache).data)
     return cache
@@ -268,9 +268,6 @@ def test_ddp_across_nodes_matches_one_process_over_the_global_batch(ddp_run, dat
         assert len(seen) == len(set(seen)), f"epoch {epoch}: a sample was used twice across ranks"
 
     # The same training in one process, fed each step the concatenation of both ranks' batches.
-    import ltssl.data.ffcv as ffcv_module
-    from ltssl.train import train
-
     loaders = []
     real_class = ffcv_module.SSLLoader
     wrapper = global_batch_loader(real_class, world_size=2)
@@ -365,10 +362,8 @@ def test_sweep_runs_single_node_trials_on_both_nodes_beside_a_two_node_trial(clu
     """Four 1-node trials (3 of a node's 8 declared CPUs each: at most two per node, so they spread
     over n1 and n2) and one 2-node DDP trial (the 2 CPUs per node left: it runs beside them) in the
     same sweep; results.parquet records where each ran."""
-    import pandas as pd
-    import yaml
-
-    from ltssl.sweep import run_sweep
+    # Deferred: the jobs import this module for their target, and ltssl.sweep would import Ray there.
+    from ltssl.sweep import run_sweep  # noqa: PLC0415
 
     monkeypatch.chdir(tmp_path)
     node_cpus = int(slurm("sinfo", "-h", "-N", "-p", "cpu", "-o", "%c").split()[0])
