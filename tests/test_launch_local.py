@@ -6,6 +6,7 @@ resume/checkpoint contract, so these tests check the launch machinery alone.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import pickle
@@ -342,3 +343,17 @@ def test_a_job_whose_controller_was_killed_runs_on_and_a_reattached_handle_waits
     assert attached.state == "RUNNING" and not attached.done()
     assert attached.result(timeout=120)["value"] == toy.expected_value(60)
     assert attached.state == "COMPLETED" and handle.result(timeout=5)["value"] == toy.expected_value(60)
+
+
+def test_every_child_process_of_the_launch_layer_gets_an_explicit_environment():
+    """subprocess without ``env=`` execs the child with libc's live ``environ``; a thread that sets a
+    variable meanwhile (Ray does while starting) frees it under the exec: "OSError: [Errno 14] Bad
+    address: '.../python'". Every spawn in ltssl/launch passes a copy (``local.child_env()``)."""
+    spawns = []
+    for path in sorted((REPO / "ltssl" / "launch").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("run", "Popen", "check_output", "check_call"):
+                if isinstance(node.func.value, ast.Name) and node.func.value.id == "subprocess":
+                    spawns.append((f"{path.name}:{node.lineno}", any(k.arg == "env" for k in node.keywords)))
+    assert len(spawns) >= 4, spawns
+    assert [where for where, has_env in spawns if not has_env] == []

@@ -23,6 +23,18 @@ from pathlib import Path
 from submitit.local import local as submitit_local
 
 
+def child_env() -> dict[str, str]:
+    """A copy of this process's environment, to pass as ``env=`` to every child process.
+
+    Without ``env=``, subprocess execs the child (after ``vfork``) with libc's live ``environ``
+    array; another thread that sets a variable at that moment (Ray does while it starts) makes libc
+    reallocate and free that array, and the exec fails with ``OSError: [Errno 14] Bad address``
+    naming the executable. An explicit copy is built by the calling thread and cannot be freed
+    under it.
+    """
+    return dict(os.environ)
+
+
 def start_controller(
     folder: Path,
     command: str,
@@ -34,7 +46,7 @@ def start_controller(
     max_retry: int = 6,
 ) -> subprocess.Popen:
     """submitit's ``start_controller``, in a new session and through the signal-resetting wrapper."""
-    env = dict(os.environ)
+    env = child_env()
     env.update(
         SUBMITIT_LOCAL_NTASKS=str(tasks_per_node),
         SUBMITIT_LOCAL_COMMAND=command,

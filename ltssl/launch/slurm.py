@@ -12,6 +12,7 @@ import subprocess
 from dataclasses import dataclass
 
 from ltssl.launch.errors import LaunchError
+from ltssl.launch.local import child_env
 
 COMMAND_TIMEOUT_S = 30
 
@@ -36,7 +37,7 @@ def _run(args: list[str], what: str) -> str:
     if shutil.which(args[0]) is None:
         raise LaunchError(f"{args[0]} not found: Slurm's client commands are not installed here ({what})")
     try:
-        proc = subprocess.run(args, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, env=child_env())
     except subprocess.TimeoutExpired:
         raise LaunchError(f"{' '.join(args)} did not answer in {COMMAND_TIMEOUT_S} s ({what}): is slurmctld up?") from None
     if proc.returncode != 0:

@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from ltssl.launch.local import child_env
 from ltssl.launch.slurm import COMMAND_TIMEOUT_S, TERMINAL_STATES, normalise_state
 
 UNKNOWN = "UNKNOWN"
@@ -149,7 +150,7 @@ def _command(args: list[str]) -> str | QueryError:
     if shutil.which(args[0]) is None:
         return QueryError(f"{args[0]} not found (Slurm's client commands are not installed here)")
     try:
-        proc = subprocess.run(args, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, env=child_env())
     except subprocess.TimeoutExpired:
         return QueryError(f"{args[0]} did not answer in {COMMAND_TIMEOUT_S} s")
     except OSError as error:  # a busy machine may fail to start the client: the next poll retries

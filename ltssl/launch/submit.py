@@ -27,6 +27,7 @@ import submitit
 
 from ltssl.config import Config, save_config
 from ltssl.launch import local as local_exec
+from ltssl.launch.local import child_env
 from ltssl.launch.errors import LaunchError
 from ltssl.launch.handle import JobHandle
 from ltssl.launch.job import DEFAULT_TARGET, REPO_ROOT, TrainJob, _locked_update_json
@@ -43,7 +44,7 @@ def git_info() -> dict[str, Any]:
     """The commit of the code that submits (and runs) the job, and whether tracked files differ."""
     try:
         commit = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, env=child_env()
         )
         if commit.returncode != 0:
             return {"git_commit": None, "git_dirty": None}
@@ -52,6 +53,7 @@ def git_info() -> dict[str, Any]:
             capture_output=True,
             text=True,
             timeout=10,
+            env=child_env(),
         )
         return {"git_commit": commit.stdout.strip(), "git_dirty": bool(dirty.stdout.strip())}
     except (OSError, subprocess.TimeoutExpired):
