@@ -16,14 +16,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ltssl.report import analyze  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="launch/analyze.py", description=__doc__.split("\n\n")[0])
     p.add_argument("output_dir", type=Path, help="the sweep folder (holds results.parquet)")
     p.add_argument("--report-dir", type=Path, help="where to write the report; default <output_dir>/report")
     args = p.parse_args(argv)
-    from ltssl.report import analyze
-
     try:
         folder = analyze(args.output_dir, args.report_dir)
     except FileNotFoundError as error:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ltssl.sweep.spec import SweepError  # noqa: E402
+from ltssl.sweep.driver import DEFAULT_SWEEP, run_sweep  # noqa: E402
+from ltssl.sweep.spec import SweepError, load_sweep  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,9 +64,6 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a log file as they happen
     try:
         if args.dry_run:
-            from ltssl.sweep.spec import load_sweep
-            from ltssl.sweep.driver import DEFAULT_SWEEP
-
             spec = load_sweep(args.config or DEFAULT_SWEEP)
             trials = spec.validate_trials(args.partition)
             print(f"sweep {spec.name}: {len(trials)} trials, metric {spec.metric} ({spec.mode}), "
@@ -74,8 +72,6 @@ def main(argv: list[str] | None = None) -> int:
                 shown = " ".join(f"{k}={v}" for k, v in t.params.items())
                 print(f"  {t.trial_id} [{t.group}] {shown}")
             return 0
-        from ltssl.sweep.driver import run_sweep
-
         outcome = run_sweep(
             args.config,
             partition=args.partition,

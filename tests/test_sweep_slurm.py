@@ -104,7 +104,7 @@ def test_asha_cancels_the_jobs_of_stopped_trials_and_a_failed_job_fails_only_its
 
 def test_resume_reattaches_to_running_jobs_and_the_dashboard_needs_its_token(slurm_cluster, tmp_path):
     """Kill the driver (SIGKILL) mid-sweep; --resume re-attaches: no job duplicated, none orphaned."""
-    from ltssl.sweep.driver import read_token
+    from ltssl.sweep.dashboard import read_token
 
     sweep = sweep_file(tmp_path, grid={"rho": [1.0, 0.5, 0.3]}, max_concurrent=2)
     sweep.write_text(sweep.read_text().replace("epochs: 3", "epochs: 6"))

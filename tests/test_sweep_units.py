@@ -141,13 +141,13 @@ def test_finished_statuses_are_not_resumed(tmp_path, status):
 def test_a_second_driver_on_the_same_sweep_is_refused(tmp_path):
     """--resume while the first driver still runs would hand out the same trials twice."""
     from ltssl.sweep import SweepError, run_sweep
-    from ltssl.sweep.driver import _driver_lock
+    from ltssl.sweep.folder import driver_lock
 
     spec = sweep(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
     (out / "sweep.yaml").write_text(spec.to_yaml())
     (out / "sweep.json").write_text(json.dumps({"sweep_id": "out", "name": spec.name, "partition": None}))
-    with _driver_lock(out):
+    with driver_lock(out):
         with pytest.raises(SweepError, match="another driver .* is running the sweep in"):
             run_sweep(resume=True, output_dir=out)

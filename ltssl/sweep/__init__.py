@@ -8,20 +8,21 @@ outcome.output_dir / "results.parquet"
 ```
 
 Modules: :mod:`~ltssl.sweep.spec` (the YAML format, validation, trial planning),
-:mod:`~ltssl.sweep.driver` (Ray start-up, Tune, resume, the end), :mod:`~ltssl.sweep.trainable`
-(one trial = one job, tailed), :mod:`~ltssl.sweep.scheduler` (ASHA per group),
-:mod:`~ltssl.sweep.searcher` (plan / Optuna TPE), :mod:`~ltssl.sweep.ledger` (the resume record),
-:mod:`~ltssl.sweep.console` (live table), :mod:`~ltssl.sweep.prepare` (preflight and datasets).
-Importing this package does not import Ray.
+:mod:`~ltssl.sweep.driver` (:func:`run_sweep`: checks, Ray start-up, the run),
+:mod:`~ltssl.sweep.session` (the run's dataclass and outcome), :mod:`~ltssl.sweep.folder` (new or
+resumed sweep folder, the one-driver lock), :mod:`~ltssl.sweep.checks` (preflight; datasets via
+:mod:`~ltssl.sweep.prepare` in a child process), :mod:`~ltssl.sweep.dashboard` (Ray's temp dir,
+dashboard port, token, ssh hint), :mod:`~ltssl.sweep.run` (the Tuner, signals, the end),
+:mod:`~ltssl.sweep.callback` (trial ends -> :mod:`~ltssl.sweep.bookkeeping`: ledger, parquet,
+console), :mod:`~ltssl.sweep.resume` (settling a resumed sweep), :mod:`~ltssl.sweep.table` (the
+results table), :mod:`~ltssl.sweep.trainable` (one trial = one job, tailed),
+:mod:`~ltssl.sweep.scheduler` (ASHA per group), :mod:`~ltssl.sweep.searcher` (plan / Optuna TPE),
+:mod:`~ltssl.sweep.ledger` (the resume record), :mod:`~ltssl.sweep.console` (live table).
+Importing this package does not import Ray (only :mod:`~ltssl.sweep.run` and the modules it
+uses do, once the driver has set Ray's environment).
 """
 
 from ltssl.sweep.spec import SweepError, SweepSpec, load_sweep
+from ltssl.sweep.driver import run_sweep
 
 __all__ = ["SweepError", "SweepSpec", "load_sweep", "run_sweep"]
-
-
-def run_sweep(*args, **kwargs):
-    """See :func:`ltssl.sweep.driver.run_sweep` (imported on first use: it brings Ray in)."""
-    from ltssl.sweep.driver import run_sweep as _run_sweep
-
-    return _run_sweep(*args, **kwargs)

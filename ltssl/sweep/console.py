@@ -15,6 +15,14 @@ from rich.table import Table
 from rich.text import Text
 
 
+def default_console() -> Console:
+    """The driver's console: a terminal's own width, or 140 columns in a log file (the results table)."""
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=140)
+    return console
+
+
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"

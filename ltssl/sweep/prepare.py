@@ -15,6 +15,10 @@ from __future__ import annotations
 import json
 import sys
 
+from ltssl.config import ConfigError, load_config
+from ltssl.data import DataError, prepare_dataset
+from ltssl.launch import LaunchError, preflight
+
 
 def _key(tree: dict, sections: tuple) -> str:
     return json.dumps({s: tree.get(s) for s in sections}, sort_keys=True, default=str)
@@ -22,9 +26,6 @@ def _key(tree: dict, sections: tuple) -> str:
 
 def check_and_prepare(configs: list[dict], *, prepare: bool = True, check_names: bool = True) -> list[dict]:
     """Preflight every distinct job shape, prepare every distinct dataset; raise on the first refusal."""
-    from ltssl.config import load_config
-    from ltssl.launch import preflight
-
     seen_jobs, seen_data, prepared = set(), set(), []
     for tree in configs:
         cfg = load_config(tree)
@@ -35,8 +36,6 @@ def check_and_prepare(configs: list[dict], *, prepare: bool = True, check_names:
         data_key = _key(tree, ("data",))
         if prepare and data_key not in seen_data:
             seen_data.add(data_key)
-            from ltssl.data import prepare_dataset
-
             ds = prepare_dataset(cfg.data)
             prepared.append({"data": tree["data"], "n_train": ds.n_train, "root": str(ds.root),
                              "class_counts": list(ds.class_counts)})
@@ -51,10 +50,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with open(argv[0]) as fh:
         configs = json.load(fh)
-    from ltssl.config import ConfigError
-    from ltssl.data import DataError
-    from ltssl.launch import LaunchError
-
     try:
         prepared = check_and_prepare(configs, prepare="--no-prepare" not in flags,
                                      check_names="--no-check-names" not in flags)

@@ -24,6 +24,10 @@ from ltssl.sweep.ledger import FINISHED, Ledger
 from ltssl.sweep.spec import SweepSpec, TrialPlan
 
 
+# Optuna is imported inside the TPE functions on purpose: only TPE sweeps need it, and it is a slow
+# import that a random or grid sweep's driver would otherwise pay at start-up.
+
+
 def _optuna_distributions(spec: SweepSpec) -> dict:
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 

@@ -1,0 +1,92 @@
+"""The driver's watch on its own Ray: the GCS server and the raylet it started on the login node.
+
+If either dies under a running sweep (killed by an administrator, the OOM killer, a login-node
+clean-up), nothing of the sweep is lost: its Slurm jobs run on, and ``--resume`` re-attaches to
+them. What must not happen is what Ray does by itself: with the raylet gone Tune reports every
+running trial as failed (and the driver would cancel their jobs), and with the GCS gone the
+driver blocks, then Ray's core worker ends the process with its own error a minute later. So the
+driver watches both processes: on a loss it marks the sweep detached (trial actors that still
+run leave their jobs alone), stops Tune, records nothing more, and exits with one line
+(:data:`RAY_LOST_EXIT`).
+"""
+
+from __future__ import annotations
+
+import _thread
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import ray
+
+from ltssl.sweep.ledger import DETACH_MARKER
+
+#: Exit status of a driver whose Ray died (EX_TEMPFAIL: run it again, with --resume).
+RAY_LOST_EXIT = 75
+
+#: Ray's process names -> how the message names them.
+WATCHED = {"gcs_server": "Ray's GCS server", "raylet": "Ray's raylet"}
+
+
+class RayWatch:
+    """Polls the GCS server and raylet this driver started; :attr:`lost` says which one died, and how."""
+
+    def __init__(self, output_dir: Path, poll_s: float = 0.5):
+        # The processes ray.init started for this driver (a private attribute: Ray has no public
+        # handle on them); Popen objects, so an exit is seen at once and never confused with
+        # another process that reuses the pid.
+        node = ray._private.worker._global_node
+        self.processes: dict[str, subprocess.Popen] = {
+            name: node.all_processes[name][0].process for name in WATCHED if node.all_processes.get(name)
+        }
+        self.output_dir = output_dir
+        self.poll_s = poll_s
+        self.lost: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="ray-watch", daemon=True)
+
+    def check(self) -> str | None:
+        """The loss, if a watched process has exited (also called by the Tune callback before it
+        records a trial's error: with the raylet gone every trial errors at once)."""
+        if self.lost is None:
+            for name, proc in self.processes.items():
+                code = proc.poll()
+                if code is not None:
+                    how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+                    self.lost = f"{WATCHED[name]} (pid {proc.pid}) died ({how})"
+                    (self.output_dir / DETACH_MARKER).write_text("ray lost")  # trials leave their jobs running
+                    break
+        return self.lost
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            if self.check():
+                # Stop Tune through the driver's SIGTERM handler (run.fit): it raises in the main
+                # thread, which may be waiting on the dead GCS.
+                _thread.interrupt_main(signal.SIGTERM)
+                return
+
+    def abandon(self) -> None:
+        """End this driver now: Ray's remaining processes killed, one line, :data:`RAY_LOST_EXIT`.
+
+        ``ray.shutdown()`` would wait on the dead GCS until Ray's core worker ends the process with
+        its own error, so the driver kills what Ray started itself and exits without it.
+        """
+        node = ray._private.worker._global_node
+        if node is not None:
+            node.kill_all_processes(check_alive=False, allow_graceful=True, wait=True)
+        sys.stdout.flush()
+        print(f"sweep: {self.lost}: the driver stops, the jobs keep running; "
+              f"continue with --resume --output-dir {self.output_dir} (it re-attaches to them)", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(RAY_LOST_EXIT)
