@@ -85,6 +85,7 @@ def test_sweep_on_slurm_every_trial_in_tensorboard_wandb_and_mlflow(slurm_cluste
     for trial, row in df.iterrows():
         (folder,) = (Path(row["run_dir"]) / "wandb").glob("offline-run-*")
         run = offline_run(folder)
+        assert run["exited"]  # the job ended its run (its process is gone: the file is complete)
         assert (run["id"], run["group"], run["project"]) == (f"{sweep_id}-{trial}", sweep_id, "ltssl-test")
         assert run["config"] == {**json.loads(row["config_json"]), "_wandb": run["config"]["_wandb"]}
         history = {}

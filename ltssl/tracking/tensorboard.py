@@ -38,16 +38,18 @@ def _stale(event: Any, first_dropped: int) -> bool:
     return event.step >= first_dropped
 
 
-def drop_steps(folder: Path, first_dropped: int) -> int:
+def drop_steps(folder: Path, first_dropped: int) -> dict[str, int]:
     """Rewrite the event files in ``folder`` without scalars at steps >= ``first_dropped`` and
-    without HParams sessions; atomically per file. Returns the number of events dropped."""
-    dropped = 0
+    without HParams sessions; atomically per file. Returns the last step kept of each tag."""
+    last: dict[str, int] = {}
     for path in sorted(folder.glob("events.out.tfevents.*")):
         events = list(EventFileLoader(str(path)).Load())
         keep = [e for e in events if not _stale(e, first_dropped)]
+        for event in keep:
+            for value in event.summary.value:
+                last[value.tag] = max(last.get(value.tag, -1), event.step)
         if len(keep) == len(events):
             continue
-        dropped += len(events) - len(keep)
         tmp = path.with_name(f".rewrite-{os.getpid()}")  # no "tfevents" in the name: TensorBoard ignores it
         with open(tmp, "wb") as fh:
             writer = RecordWriter(fh)
@@ -56,7 +58,7 @@ def drop_steps(folder: Path, first_dropped: int) -> int:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    return dropped
+    return last
 
 
 def _hparam_value(value: Any) -> Any:
@@ -73,7 +75,8 @@ class TensorBoardTracker(Tracker):
         self.steps = StepFilter()
 
     def _open(self, first_step: int) -> None:
-        drop_steps(self.folder, first_step)
+        # a step the earlier attempt logged at the checkpoint (e.g. a line at the epoch's start) is not logged twice
+        self.steps = StepFilter(drop_steps(self.folder, first_step))
         self.writer = SummaryWriter(log_dir=str(self.folder))
         _, session_start, _ = hparams(self.hparams, {})
         self.writer.file_writer.add_summary(session_start)

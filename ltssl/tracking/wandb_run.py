@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +23,20 @@ from ltssl.config import to_dict
 from ltssl.tracking.common import RunIdentity, Tracker, scalars, summary_row, wandb_mode
 
 
+def _new_second(folder: Path, run_id: str) -> None:
+    """Wait until no run folder of ``run_id`` carries the current second: W&B names a run's folder
+    ``<mode>-<start time to the second>-<id>``, and a second start of the same run within that
+    second (a job restarted at once) would write into the first one's folder and lose it."""
+    while any(folder.glob(f"*-{datetime.now():%Y%m%d_%H%M%S}-{run_id}")):
+        time.sleep(0.1)
+
+
 class WandbTracker(Tracker):
     """One W&B run per trial (see the module docstring)."""
 
     def __init__(self, cfg: Any, ident: RunIdentity):
         self.cfg, self.ident = cfg, ident
+        _new_second(ident.run_dir / "wandb", ident.run_id)
         self.run = wandb.init(
             project=cfg.tracking.wandb_project,
             entity=cfg.tracking.wandb_entity,
@@ -89,9 +100,11 @@ def read_records(path: str | os.PathLike) -> list[Any]:
 
 def offline_run(folder: str | os.PathLike) -> dict[str, Any]:
     """What an offline run folder (``.../wandb/offline-run-*``) holds: ``{"id", "group", "project",
-    "config": {key: value}, "history": [{"_step": s, key: value, ...}], "summary": {key: value}}``."""
+    "config": {key: value}, "history": [{"_step": s, key: value, ...}], "summary": {key: value},
+    "exited": whether the run's end is recorded}``. W&B's core process writes the file after
+    ``finish()`` returns: a reader in the same process waits for ``exited``."""
     (path,) = Path(folder).glob("run-*.wandb")
-    out: dict[str, Any] = {"config": {}, "history": [], "summary": {}}
+    out: dict[str, Any] = {"config": {}, "history": [], "summary": {}, "exited": False}
     for record in read_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
@@ -103,4 +116,6 @@ def offline_run(folder: str | os.PathLike) -> dict[str, Any]:
             out["history"].append({u.key or ".".join(u.nested_key): json.loads(u.value_json) for u in record.history.item})
         elif kind == "summary":
             out["summary"].update((u.key or ".".join(u.nested_key), json.loads(u.value_json)) for u in record.summary.update)
+        elif kind == "exit":
+            out["exited"] = True
     return out
