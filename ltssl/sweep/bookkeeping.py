@@ -86,7 +86,8 @@ class Bookkeeper:
         fields["metric_value"] = final_metric(run_dir, self.spec.metric, status) if run_dir else None
         fields["metric_history"] = metric_history(run_dir, self.spec.metric) if run_dir else []
         record = self.ledger.update(key, **fields)
-        self.write_results()
+        with self._lock:  # this trial's rows only: the cost of a trial's end does not grow with the sweep
+            self.writer.add(record)
         if self.board is not None:
             self._show(key, status, record)
         return record

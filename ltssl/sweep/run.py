@@ -36,7 +36,7 @@ from ltssl.sweep.scheduler import GroupedASHA
 from ltssl.sweep.searcher import SweepSearcher
 from ltssl.sweep.session import SweepOutcome, SweepRun
 from ltssl.sweep.table import print_results
-from ltssl.sweep.trainable import JobTrial, TrialContext
+from ltssl.sweep.trainable import TrialContext, trial_class
 
 #: Ray resource that bounds the trials running at once (one per trial, max_concurrent in all).
 TRIAL_SLOT = "sweep_trial_slot"
@@ -95,18 +95,20 @@ def make_tuner(run: SweepRun, searcher: SweepSearcher, scheduler, book: Bookkeep
                watch: RayWatch) -> tune.Tuner:
     ctx = TrialContext(output_dir=str(run.output_dir), sweep_id=run.sweep_id, target=run.target,
                        target_kwargs=dict(run.target_kwargs or {}), poll_interval_s=run.spec.poll_interval_s)
-    # Near-zero CPU: a trial only waits on its job. One slot of max_concurrent.
-    trainable = tune.with_resources(tune.with_parameters(JobTrial, context=ctx), {"cpu": 0.01, TRIAL_SLOT: 1})
+    # Near-zero CPU: a trial only waits on its job. One slot of max_concurrent. The class keeps the
+    # name JobTrial in Ray's dashboard (tune.with_resources would rename it ResourceTrainable).
+    trainable = trial_class(ctx, {"cpu": 0.01, TRIAL_SLOT: 1})
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=searcher,
             scheduler=scheduler,
             num_samples=num_samples,
-            # One actor serves trial after trial: no process start and no re-import per trial.
-            # Stopped trials' jobs are cancelled by the driver's on_trial_complete (and by
-            # reset_config/cleanup in the actor as a backstop).
-            reuse_actors=True,
+            # One actor per trial: Ray's dashboard shows an actor's repr (its trial, group and
+            # parameters) as taken when the actor starts, so a reused actor would go on naming its
+            # first trial. Stopped trials' jobs are cancelled by the driver's on_trial_complete
+            # (and by cleanup in the actor as a backstop).
+            reuse_actors=False,
             trial_name_creator=lambda t: t.config["trial_key"],
             trial_dirname_creator=lambda t: t.config["trial_key"],
         ),
