@@ -313,6 +313,7 @@ def test_a_failing_tracker_is_logged_once_and_the_others_go_on(tmp_path, monkeyp
     assert "ConnectionError: no route to host" in warning.getMessage()
 
 
+@pytest.mark.slow
 def test_training_goes_on_when_a_tracker_raises(tmp_path, monkeypatch, caplog):
     """A real digits training with a tracker that raises on every line: the job completes."""
     from ltssl.train import train
@@ -334,6 +335,7 @@ class _Stop(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_a_resumed_training_continues_each_trackers_run_without_duplicated_steps(tmp_path, monkeypatch):
     """A real digits training cut mid-epoch 2 (its checkpoint is epoch 1's), then resumed in the same
     run folder: TensorBoard, W&B and MLflow each hold one run whose steps continue, each step once."""
