@@ -39,7 +39,7 @@ def test_dotted_overrides_win_over_the_file(tmp_path):
             "unknown key optim.rhoo (allowed: name, lr, momentum, weight_decay, schedule, warmup_epochs, rho, "
             "adaptive, weighting, label_power_base, kde_alpha, kde_bandwidth, kde_every)",
         ),
-        ({"trian": {}}, "unknown key trian (allowed: data, model, method, optim, train, eval, launch)"),
+        ({"trian": {}}, "unknown key trian (allowed: data, model, method, optim, train, eval, launch, tracking)"),
         ({"optim": {"rho": "big"}}, "optim.rho must be float, got 'big'"),
         ({"train": {"epochs": 2.5}}, "train.epochs must be int, got 2.5"),
         ({"optim": {"adaptive": "yes"}}, "optim.adaptive must be bool, got 'yes'"),
