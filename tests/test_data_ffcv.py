@@ -3,6 +3,7 @@ agreement with the torchvision reference."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
@@ -20,9 +21,6 @@ from ltssl.data import DataError
 from ltssl.data.ffcv import EvalLoader, SSLLoader, meta_path, open_beton, read_beton, write_beton
 from ltssl.data.reference import reference_loader
 from test_data_util import cifar_images
-
-# numba prints a harmless KeyError from a finalizer when FFCV pipelines are collected (notes/ffcv.md)
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 N, C = 300, 10
 MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.25, 0.25)
@@ -266,6 +264,24 @@ def test_ddp_ranks_get_disjoint_shards(beton, tmp_path):
     assert set(r0["eval"]) | set(r1["eval"]) == set(range(N)) and not set(r0["eval"]) & set(r1["eval"])
     assert r0["view"] != r1["view"]
     assert r0["epoch1"] != r0["ssl"][:32]
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_loaders_leave_numbas_shared_types_alone(beton, data, tmp_path):
+    """FFCV 1.0.2 turned numba's shared array(uint8, 1d, C) type read-only in place, so collected
+    decoders printed a KeyError from numba's finalizer (see ltssl.data.ffcv._os_cache_compile_reader)."""
+    import numba  # deferred like ffcv: numba is only needed where FFCV is
+
+    images, labels = data
+    jpeg = tmp_path / "jpeg.beton"
+    write_beton(jpeg, lambda i: images[i], labels, num_classes=C, mean=MEAN, std=STD, max_resolution=32)
+    shared = numba.uint8[::1]
+    for path in (beton, jpeg):
+        ev = EvalLoader(path, batch_size=100, device=CPU, num_workers=1, image_size=32)
+        assert sum(len(b["index"]) for b in ev) == N
+        del ev
+        gc.collect()  # the loaders' compiled functions are released here: no KeyError, no warning
+    assert numba.uint8[::1] is shared and shared.mutable and shared.key == (numba.uint8, 1, "C", True, True)
 
 
 def test_distributed_without_process_group(beton):

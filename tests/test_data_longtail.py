@@ -29,8 +29,6 @@ from ltssl.data.prepare import check_data_config, write_manifest
 from ltssl.data.sources import load_cifar
 from test_data_util import write_cifar, write_image_folder
 
-# numba prints a harmless KeyError from a finalizer when FFCV pipelines are collected (notes/ffcv.md)
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -283,7 +281,7 @@ def test_semi_synthetic_layout(tiny_cifar, tmp_path):
 
 def test_bad_sources(tmp_path, tiny_cifar):
     missing = tmp_path / "nope"
-    with pytest.raises(DataError, match=rf"^cifar10 source folder {missing} does not exist: get cifar-10-python.tar.gz "
+    with pytest.raises(DataError, match=rf"^data.root {missing} does not exist: get cifar-10-python.tar.gz "
                                         r"from https://www.cs.toronto.edu/~kriz/cifar.html \(on the login node: curl -LO "
                                         r"https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz\) and unpack it with "
                                         rf"'mkdir -p {missing} && tar xzf cifar-10-python.tar.gz -C {missing}', which makes "

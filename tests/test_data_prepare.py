@@ -17,9 +17,6 @@ from ltssl.data.prepare import dataset_dir_name
 from test_data_util import write_cifar, write_image_folder
 
 
-# numba prints a harmless KeyError from a finalizer when FFCV pipelines are collected (notes/ffcv.md)
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> PreparedDataset:
     cfg = load_config(overrides={"data.cache_dir": str(tmp_path_factory.mktemp("cache")), "data.imbalance_ratio": 10})

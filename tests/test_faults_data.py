@@ -21,9 +21,6 @@ from ltssl.data.ffcv import SSLLoader
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 
-# numba's dispatcher finalizer: see the filter in pyproject.toml
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> PreparedDataset:
@@ -138,7 +135,7 @@ def test_missing_dataset_folder_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a fresh clone: the sweeps' relative data/ folders are not there
     data = _sweep_data("cifar10_lt/rwsam.yaml", tmp_path / "cache")
     root = tmp_path / "data" / "cifar-10-batches-py"
-    expected = (f"cifar10 source folder {root} does not exist: get cifar-10-python.tar.gz from "
+    expected = (f"data.root {root} does not exist: get cifar-10-python.tar.gz from "
                 f"https://www.cs.toronto.edu/~kriz/cifar.html (on the login node: curl -LO "
                 f"https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz) and unpack it with "
                 f"'mkdir -p {tmp_path / 'data'} && tar xzf cifar-10-python.tar.gz -C {tmp_path / 'data'}', "
@@ -151,14 +148,19 @@ def test_missing_dataset_folder_says_how_to_get_it(tmp_path, monkeypatch):
     assert str(err.value) == expected
 
     data = _sweep_data("cifar100_lt/rwsam.yaml", tmp_path / "cache")
-    with pytest.raises(DataError, match=r"^cifar100 source folder .*/data/cifar-100-python does not exist: get "
+    with pytest.raises(DataError, match=r"^data.root .*/data/cifar-100-python does not exist: get "
                                         r"cifar-100-python.tar.gz from .* which makes .*/data/cifar-100-python$"):
         prepare_dataset(data)
 
     data = load_config(overrides={"data.dataset": "imagefolder", "data.root": "data/imagenet",
                                   "data.cache_dir": str(tmp_path / "cache")}).data
-    with pytest.raises(DataError, match=r"^imagefolder source folder .*/data/imagenet does not exist: expected layout: "
+    with pytest.raises(DataError, match=r"^data.root .*/data/imagenet does not exist: expected layout: "
                                         r"root/train/<class>/<image>.jpg and root/val/<class>/<image>.jpg \(or root/test\), "
                                         r"or data.split_file / data.test_split_file listing 'relative/path label' lines under root$"):
         prepare_dataset(data)
+    data = load_config(overrides={"data.ood_dataset": "cifar100", "data.ood_root": "data/cifar-100-python",
+                                  "data.cache_dir": str(tmp_path / "cache")}).data
+    with pytest.raises(DataError, match=rf"^data.ood_root {tmp_path}/data/cifar-100-python does not exist: get "
+                                        r"cifar-100-python.tar.gz from .* which makes .*/data/cifar-100-python$"):
+        prepare_dataset(data)  # checked before the main dataset is built
     assert not (tmp_path / "cache").exists()  # refused before anything was made

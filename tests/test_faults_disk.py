@@ -100,16 +100,22 @@ def test_atomic_writers_keep_the_previous_file(disk):
     assert json.loads((out / "result.json").read_text()) == {"knn_acc": 0.75}
 
 
+def _state(epoch: int) -> dict:
+    """A job state as the training job saves it (every key the store checks), ~80 kB."""
+    keys = ("model", "optimizer", "schedule", "step_in_epoch", "global_step", "weights", "rng")
+    return {**{key: torch.tensor(0) for key in keys}, "epoch": torch.tensor(epoch), "w": torch.full((20000,), float(epoch))}
+
+
 def test_checkpoint_save_on_a_full_disk(disk):
     store = CheckpointStore(disk / "checkpoints")
     store.folder.mkdir()
-    store.save({"epoch": torch.tensor(3), "w": torch.ones(20000)})
+    store.save(_state(3))
     fill(disk)
     with pytest.raises(DiskFullError, match=rf"^{store.path}: no space left on device \(the previous file is intact\)$"):
-        store.save({"epoch": torch.tensor(4), "w": torch.zeros(20000)})
+        store.save(_state(4))
     assert int(store.load()["epoch"]) == 3 and leftovers(disk) == []
     free(disk)
-    store.save({"epoch": torch.tensor(4), "w": torch.zeros(20000)})
+    store.save(_state(4))
     assert int(store.load()["epoch"]) == 4
 
 

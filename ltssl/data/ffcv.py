@@ -55,9 +55,34 @@ def _import_ffcv():
     try:
         import ffcv  # noqa: F401
         from ffcv import fields, loader, writer  # noqa: F401
+        from ffcv.memory_managers.os_cache import OSCacheManager
     finally:
         torch.set_num_threads(threads)
+    OSCacheManager.compile_reader = _os_cache_compile_reader
     return ffcv
+
+
+def _os_cache_compile_reader(self):
+    """FFCV 1.0.2's ``OSCacheManager.compile_reader`` without its side effect on numba's types.
+
+    FFCV's version builds its state type with ``t1 = numba.uint8[::1]; t1.mutable = False``:
+    numba interns types, so this turns the one shared ``array(uint8, 1d, C)`` object read-only
+    in place and changes its hash while it is a key in numba's caches (the decoders' compiled
+    overloads among them). When such a dispatcher is garbage-collected, numba's finalizer can no
+    longer look its overload keys up and prints ``KeyError: (Array(uint8, 1, 'C', True, ...), ...)``
+    (in pytest: PytestUnraisableExceptionWarning). Same reader, same types (a read-only uint8
+    array in, out), but a read-only type of its own instead of the mutated shared one.
+    """
+    import numba  # deferred with ffcv (see _import_ffcv); numba is imported by then
+    from ffcv.pipeline.compiler import Compiler
+
+    def read(address, mem_state):
+        size = mem_state[2][np.searchsorted(mem_state[1], address)]
+        return mem_state[0][address:address + size]
+
+    data = numba.types.Array(numba.uint8, 1, "C", readonly=True)
+    pointers = numba.uint64[::1]
+    return Compiler.compile(read, data(numba.uint64, numba.types.Tuple([data, pointers, pointers])))
 
 
 def meta_path(beton: str | os.PathLike) -> Path:

@@ -602,6 +602,8 @@ def prepare_dataset(data_cfg: Any) -> PreparedDataset:
             raise DataError(f"data.ood_dataset must be one of {', '.join(DATASETS)}, got {data_cfg.ood_dataset!r}")
         if data_cfg.ood_dataset not in EMBEDDED and not data_cfg.ood_root:
             raise DataError(f"data.ood_root must name the {data_cfg.ood_dataset} source folder, got None")
+        if data_cfg.ood_dataset not in EMBEDDED and not Path(data_cfg.ood_root).is_dir():
+            raise missing_source(data_cfg.ood_dataset, Path(data_cfg.ood_root).resolve(), key="data.ood_root")
     cache_dir = Path(getattr(data_cfg, "cache_dir", "data")).resolve()
     root, manifest = _build_cached(data_cfg, cache_dir)
     ood = None

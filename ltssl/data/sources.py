@@ -104,10 +104,10 @@ def source_hint(name: str, root: str | os.PathLike | None) -> str:
     return ""
 
 
-def missing_source(name: str, root: str | os.PathLike, what: str = "source folder") -> DataError:
-    """The one-line error for a source folder that is not there, with how to get it."""
+def missing_source(name: str, root: str | os.PathLike, key: str = "data.root") -> DataError:
+    """The one-line error for a source folder ``root`` (config field ``key``) that is not there, with how to get it."""
     hint = source_hint(name, root)
-    return DataError(f"{name} {what} {root} does not exist" + (f": {hint}" if hint else ""))
+    return DataError(f"{key} {root} does not exist" + (f": {hint}" if hint else ""))
 
 
 def cifar_folder(name: str, root: str | os.PathLike | None) -> Path:
