@@ -134,6 +134,12 @@ def test_resume_reattaches_to_running_jobs_and_the_dashboard_needs_its_token(slu
         request = urllib.request.Request(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"})
         with urllib.request.urlopen(request, timeout=20) as answer:
             assert answer.status == 200 and "ray_version" in json.loads(answer.read())
+        # the Jobs page names the driver's job by the sweep (issue 16)
+        request = urllib.request.Request(f"{url}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=20) as answer:
+            drivers = [job for job in json.loads(answer.read()) if job["type"] == "DRIVER"]
+        assert [job["metadata"]["job_name"] for job in drivers] == ["sweep s (out)"], drivers
+        assert drivers[0]["metadata"]["sweep_dir"] == str(out.resolve())
 
         def mid_sweep():
             records = ledger_records(out)

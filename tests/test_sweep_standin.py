@@ -7,6 +7,9 @@ atomically, and resumption from ``run_dir/checkpoints/last.json`` (the epoch rea
 resubmitted job continues instead of starting over. Its accuracy is a deterministic function of
 the config (rho and imbalance ratio), so scheduler decisions in the tests are predictable.
 
+With ``$STANDIN_HOLD`` set to a path, a job that has trained all its epochs waits for that file
+before it writes its result: a test keeps jobs running for exactly as long as it needs them.
+
 Failures on purpose: ``optim.rho == FAIL_RHO`` raises in its first epoch, after the step lines
 and before the evaluation (a failed job, before any scheduler decision).
 The jobs import this file as the module ``test_sweep_standin`` (the tests put tests/ on PYTHONPATH).
@@ -64,6 +67,9 @@ def train(cfg, run_dir, epoch_s: float | None = None, steps_per_epoch: int = 2, 
             out.flush()
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(ckpt, json.dumps({"epoch": epoch}))
+        hold = os.environ.get("STANDIN_HOLD")
+        while hold and not Path(hold).exists():  # the test decides when the job may finish
+            time.sleep(0.2)
         n_classes = 10
         counts = [int(100 * cfg.data.imbalance_ratio ** (-c / (n_classes - 1))) for c in range(n_classes)]
         final_acc = accuracy(cfg, cfg.train.epochs)

@@ -31,10 +31,24 @@ RAY_LOST_EXIT = 75
 WATCHED = {"gcs_server": "Ray's GCS server", "raylet": "Ray's raylet"}
 
 
+def _without_raylet_dump(print_to_stdstream):
+    """Ray's printer of the errors Ray publishes to the driver, less the raylet's death notice: that
+    notice (published by Ray's agent the moment the raylet dies, before this watch can see it)
+    carries the raylet's last twenty log lines of state dumps; the driver's one line says what the
+    user needs."""
+
+    def printer(data, *args, **kwargs):
+        if not any(str(line).startswith("Raylet is terminated") for line in data.get("lines", ())):
+            print_to_stdstream(data, *args, **kwargs)
+
+    printer.without_raylet_dump = True
+    return printer
+
+
 class RayWatch:
     """Polls the GCS server and raylet this driver started; :attr:`lost` says which one died, and how."""
 
-    def __init__(self, output_dir: Path, poll_s: float = 0.5):
+    def __init__(self, output_dir: Path, poll_s: float = 0.2):
         # The processes ray.init started for this driver (a private attribute: Ray has no public
         # handle on them); Popen objects, so an exit is seen at once and never confused with
         # another process that reuses the pid.
@@ -44,6 +58,11 @@ class RayWatch:
         }
         self.output_dir = output_dir
         self.poll_s = poll_s
+        # The driver's thread that prints Ray's published errors looks this module function up at
+        # every message (a private name: Ray has no switch for it).
+        worker_module = ray._private.worker
+        if not hasattr(worker_module.print_to_stdstream, "without_raylet_dump"):  # once per process
+            worker_module.print_to_stdstream = _without_raylet_dump(worker_module.print_to_stdstream)
         self.lost: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="ray-watch", daemon=True)

@@ -22,6 +22,7 @@ import time
 
 import ray
 from ray import tune
+from ray.job_config import JobConfig
 
 from ltssl.report import analyze
 from ltssl.sweep.bookkeeping import Bookkeeper
@@ -50,6 +51,10 @@ def start_ray(run: SweepRun) -> None:
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(
         address="local",
+        # The dashboard's Jobs page and its API (/api/jobs/) name the driver's job by the sweep
+        # ("job_name" is the metadata key Ray's own job submission uses for a job's name).
+        job_config=JobConfig(metadata=job_metadata(run)),
+        namespace=f"ltssl-sweep-{run.sweep_id}",
         # Logical CPUs only (trials ask for 0.01): enough for Ray to start max_concurrent
         # trial processes in parallel, never one per core of a big shared login node.
         num_cpus=min(os.cpu_count() or 2, max(2, run.spec.max_concurrent)),
@@ -65,6 +70,13 @@ def start_ray(run: SweepRun) -> None:
         # the ended trial's actor is never cached and every trial starts a new process.
         resources={TRIAL_SLOT: run.spec.max_concurrent},
     )
+
+
+def job_metadata(run: SweepRun) -> dict[str, str]:
+    """What Ray records about the driver's job (strings only): the sweep's name, id and folder."""
+    return {"job_name": f"sweep {run.spec.name} ({run.sweep_id})", "sweep_name": run.spec.name,
+            "sweep_id": run.sweep_id, "sweep_dir": str(run.output_dir.resolve()),
+            "partition": run.partition or "local jobs", "trials": str(len(run.trials))}
 
 
 def stop_ray() -> None:
@@ -211,6 +223,6 @@ def run_tune(run: SweepRun) -> SweepOutcome:
         finish(run, book, outcome)
     finally:
         watch.stop()
-    if watch.lost:
-        watch.abandon()  # does not return: ray.shutdown() would wait on the dead GCS
+        if watch.lost:
+            watch.abandon()  # does not return: ray.shutdown() would wait on the dead GCS
     return outcome
