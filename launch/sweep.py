@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="launch/sweep.py",
         description=__doc__.split("\n\n")[0],
         epilog="Ctrl-C cancels the running jobs (continue later with --resume); SIGTERM leaves them running "
-        "and --resume re-attaches to them.",
+        "and --resume re-attaches to them, as it does when the driver's Ray dies (exit status 75).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", metavar="SWEEP.yaml",

@@ -13,6 +13,7 @@ Modules: :mod:`~ltssl.sweep.spec` (the YAML format, validation, trial planning),
 resumed sweep folder, the one-driver lock), :mod:`~ltssl.sweep.checks` (preflight; datasets via
 :mod:`~ltssl.sweep.prepare` in a child process), :mod:`~ltssl.sweep.dashboard` (Ray's temp dir,
 dashboard port, token, ssh hint), :mod:`~ltssl.sweep.run` (the Tuner, signals, the end),
+:mod:`~ltssl.sweep.raywatch` (the driver's GCS server and raylet: a loss stops it in one line),
 :mod:`~ltssl.sweep.callback` (trial ends -> :mod:`~ltssl.sweep.bookkeeping`: ledger, parquet,
 console), :mod:`~ltssl.sweep.resume` (settling a resumed sweep), :mod:`~ltssl.sweep.table` (the
 results table), :mod:`~ltssl.sweep.trainable` (one trial = one job, tailed),

@@ -18,7 +18,8 @@
 
 Ctrl-C stops the sweep: running jobs are cancelled (they checkpoint on SIGTERM) and their trials
 recorded ``cancelled``; ``--resume`` continues them. SIGTERM (a login node shutting down) leaves
-the jobs running and ``--resume`` re-attaches to them.
+the jobs running and ``--resume`` re-attaches to them; so does the loss of the driver's Ray GCS
+server or raylet (:mod:`ltssl.sweep.raywatch`: one line, exit status 75).
 
 Importing this module does not import Ray (``launch/sweep.py --dry-run`` and the spec checks
 stay light): :mod:`ltssl.sweep.run` is imported once Ray's environment is set.
