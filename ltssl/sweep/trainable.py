@@ -39,11 +39,9 @@ training resumes from ``run_dir/checkpoints/last.pt`` rather than from epoch 0.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import time
-import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,8 +52,8 @@ from ray import tune
 
 from ltssl.config import load_config
 from ltssl.launch import JobCancelledError, JobFailedError, JobHandle, LaunchError, SlurmJob, submit
-from ltssl.launch.monitor import SlurmStateMonitor
-from ltssl.launch.slurm_state import Observation, observe
+from ltssl.launch.monitor import JobMonitor
+from ltssl.launch.slurm_state import Observation
 from ltssl.results import parse_json_lines
 from ltssl.sweep.ledger import DETACH_MARKER, Ledger, LedgerClaimError
 
@@ -68,9 +66,6 @@ HEARTBEAT_S = 10.0
 
 #: Ray namespace of the sweeps' monitor actors (each named after its sweep).
 MONITOR_NAMESPACE = "ltssl-sweep"
-
-#: The monitor drops a trial it has not heard from for this long (its actor ended without saying).
-MONITOR_EXPIRY_S = 120.0
 
 
 @dataclass
@@ -162,111 +157,11 @@ def reconcile(record: dict):
 # --------------------------------------------------------------------------- the sweep's monitor
 
 
-class _Watched:
-    """One trial's job as the monitor follows it: what to look at, and a version that moves on change."""
-
-    def __init__(self, job: dict):
-        self.job = job                 # {"job_id", "executor", "files": [paths]}
-        self.version = 0
-        self.seen: tuple = ()          # (size or mtime of each file, controller alive) last time
-        self.event = asyncio.Event()
-        self.last_wait = time.monotonic()
-
-    def look(self) -> tuple:
-        marks = []
-        for path in self.job["files"]:
-            try:
-                stat = os.stat(path)
-                marks.append((stat.st_size, stat.st_mtime_ns))
-            except OSError:
-                marks.append(None)
-        if self.job["executor"] == "local":  # the controller's pid (a killed job writes no file)
-            marks.append(os.path.exists(f"/proc/{self.job['job_id']}"))
-        return tuple(marks)
-
-    def bump(self) -> None:
-        self.version += 1
-        self.event.set()
-
-
-class JobMonitor:
-    """The sweep's one watcher of jobs and files (a Ray actor, async; see the module docstring).
-
-    Trials call :meth:`wait` with their job and the version they last saw; it returns
-    ``(version, observation)`` as soon as the job changed (a new metrics line, a result file, a
-    Slurm state), or after ``timeout_s``. ``observation`` is the job's part of the last batched
-    Slurm query (None for local jobs and before the first round).
-    """
-
-    def __init__(self, poll_interval_s: float = 0.5):
-        self.poll_interval_s = poll_interval_s
-        self.slurm = SlurmStateMonitor()
-        self.entries: dict[str, _Watched] = {}
-        self._loop_task: asyncio.Task | None = None
-
-    async def wait(self, key: str, job: dict, version: int, timeout_s: float):
-        if self._loop_task is None:
-            self._loop_task = asyncio.get_running_loop().create_task(self._loop())
-        entry = self.entries.get(key)
-        if entry is None or entry.job["job_id"] != job["job_id"]:
-            entry = self.entries[key] = _Watched(job)
-            entry.seen = entry.look()
-            if job["executor"] == "slurm":
-                self.slurm.watch([job["job_id"]])
-        entry.last_wait = time.monotonic()
-        if entry.version == version:
-            entry.event.clear()
-            try:
-                await asyncio.wait_for(entry.event.wait(), timeout_s)
-            except asyncio.TimeoutError:
-                pass
-        return entry.version, self._observation(entry)
-
-    def _observation(self, entry: _Watched) -> Observation | None:
-        return self.slurm.observation_for(entry.job["job_id"]) if entry.job["executor"] == "slurm" else None
-
-    def forget(self, key: str) -> None:
-        entry = self.entries.pop(key, None)
-        if entry is not None and entry.job["executor"] == "slurm":
-            self.slurm.forget([entry.job["job_id"]])
-
-    def stats(self) -> dict:
-        """Counters for tests and benchmarks: rounds, Slurm calls, interval, failures, trials watched."""
-        return {"rounds": self.slurm.rounds, "calls": dict(self.slurm.calls), "interval_s": self.slurm.interval_s,
-                "failures": self.slurm.failures, "watched": len(self.entries), "pid": os.getpid()}
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_interval_s)
-            try:
-                await self._tick()
-            except Exception:  # pylint: disable=broad-except  # one bad look must not end the watching
-                traceback.print_exc()  # (into the actor's log under Ray's session folder)
-
-    async def _tick(self) -> None:
-        """Look at every trial's files; run a Slurm round when due; wake the trials whose job changed."""
-        now = time.monotonic()
-        for key, entry in list(self.entries.items()):
-            if now - entry.last_wait > MONITOR_EXPIRY_S:
-                self.forget(key)
-                continue
-            seen = entry.look()
-            if seen != entry.seen:
-                if entry.job["executor"] == "slurm" and seen[-1] != entry.seen[-1]:
-                    self.slurm.soon()  # a result file appeared: the job is ending, ask Slurm soon
-                entry.seen = seen
-                entry.bump()
-        ids = self.slurm.due_ids()
-        if ids is not None:
-            observation = await asyncio.to_thread(observe, ids)  # the loop keeps serving waits meanwhile
-            changed = set(self.slurm.record(ids, observation))
-            for entry in self.entries.values():
-                if entry.job["job_id"] in changed and entry.job["executor"] == "slurm":
-                    entry.bump()
-
-
 def monitor_handle(ctx: TrialContext):
-    """The sweep's :class:`JobMonitor` actor, created by the first trial that asks.
+    """The sweep's :class:`~ltssl.launch.monitor.JobMonitor` actor, created by the first trial that asks.
+
+    The class lives in :mod:`ltssl.launch.monitor`, which imports neither Tune nor pandas: the
+    monitor's process stays small and starts fast.
 
     Detached, so that it outlives that trial (the sweep's ``ray.shutdown()`` ends it), in a namespace
     of its own (a detached actor in the driver's anonymous namespace makes Ray print a warning on
