@@ -15,7 +15,17 @@ import pandas as pd
 import pytest
 import yaml
 
-from test_sweep_standin import FAIL_RHO, TARGET
+from ltssl.sweep import run_sweep
+from test_sweep_standin import (
+    FAIL_RHO,
+    TARGET,
+    checkpoint_epoch,
+    end_ray_orphans,
+    ledger_records,
+    ray_orphans,
+    start_driver,
+    sweep_env,
+)
 from waiting import wait_until
 
 TESTS = Path(__file__).resolve().parent
@@ -44,8 +54,6 @@ def alive(pid: int) -> bool:
 
 
 def test_local_sweep_asha_stops_within_groups_failures_are_recorded(tmp_path):
-    from ltssl.sweep import run_sweep
-
     # Two at a time, in pairs of different ratios: rho 1.0 at r = 1 and r = 100 first (each the first
     # of its group), then rho 0.05 at both ratios, then the failing jobs: ASHA's decisions are fixed.
     sweep = sweep_file(tmp_path, grid={"rho": [1.0, 0.05, FAIL_RHO], "imbalance_ratio": [1, 100]},
@@ -85,8 +93,6 @@ def test_local_sweep_asha_stops_within_groups_failures_are_recorded(tmp_path):
 
 def test_resume_after_the_driver_is_killed_runs_every_trial_exactly_once(tmp_path):
     """SIGKILL the driver mid-sweep, then --resume: finished trials are kept, the others continue."""
-    from test_sweep_standin import checkpoint_epoch, end_ray_orphans, ledger_records, ray_orphans, start_driver, sweep_env
-
     sweep = sweep_file(tmp_path, grid={"rho": [1.0, 0.5, 0.3]}, max_concurrent=2)
     sweep.write_text(sweep.read_text().replace("epochs: 3", "epochs: 5"))
     out = tmp_path / "out"

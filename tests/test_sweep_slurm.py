@@ -19,6 +19,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from ltssl.sweep import run_sweep
+from ltssl.sweep.dashboard import read_token
 from test_sweep_standin import (
     FAIL_RHO,
     REPO,
@@ -66,8 +68,6 @@ def standin_importable(monkeypatch, tmp_path):
 
 
 def test_asha_cancels_the_jobs_of_stopped_trials_and_a_failed_job_fails_only_its_trial(slurm_cluster, tmp_path):
-    from ltssl.sweep import run_sweep
-
     sweep = sweep_file(tmp_path, grid={"rho": [1.0, 0.05, FAIL_RHO], "imbalance_ratio": [1, 100]},
                        scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2}, max_concurrent=2)
     out = tmp_path / "out"
@@ -104,8 +104,6 @@ def test_asha_cancels_the_jobs_of_stopped_trials_and_a_failed_job_fails_only_its
 
 def test_resume_reattaches_to_running_jobs_and_the_dashboard_needs_its_token(slurm_cluster, tmp_path):
     """Kill the driver (SIGKILL) mid-sweep; --resume re-attaches: no job duplicated, none orphaned."""
-    from ltssl.sweep.dashboard import read_token
-
     sweep = sweep_file(tmp_path, grid={"rho": [1.0, 0.5, 0.3]}, max_concurrent=2)
     sweep.write_text(sweep.read_text().replace("epochs: 3", "epochs: 6"))
     out = tmp_path / "out"
@@ -183,8 +181,6 @@ def test_resume_reattaches_to_running_jobs_and_the_dashboard_needs_its_token(slu
 
 def test_real_training_sweep_on_slurm(slurm_cluster, tmp_path):
     """Two real digits trainings (SGD vs rwSAM, 1 epoch) as Slurm jobs, into the parquet and the report."""
-    from ltssl.sweep import run_sweep
-
     sweep = tmp_path / "real.yaml"
     sweep.write_text(yaml.safe_dump({
         "name": "real",

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ltssl.sweep import run_sweep
 from ltssl.sweep.spec import SweepError, load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,8 +145,6 @@ def test_bad_sweep_on_the_command_line_submits_nothing(tmp_path):
 def test_a_bad_dataset_is_refused_before_any_trial(tmp_path, monkeypatch):
     """The preflight (child process) refuses a missing dataset folder: nothing submitted."""
     import importlib
-
-    from ltssl.sweep import run_sweep
 
     launch_submit = importlib.import_module("ltssl.launch.submit")
 

@@ -8,6 +8,8 @@ import pytest
 from ray.tune.schedulers import TrialScheduler
 from ray.tune.search import Searcher
 
+from ltssl.sweep import SweepError, run_sweep
+from ltssl.sweep.folder import driver_lock
 from ltssl.sweep.ledger import Ledger
 from ltssl.sweep.scheduler import GroupedASHA
 from ltssl.sweep.searcher import SweepSearcher
@@ -140,9 +142,6 @@ def test_finished_statuses_are_not_resumed(tmp_path, status):
 
 def test_a_second_driver_on_the_same_sweep_is_refused(tmp_path):
     """--resume while the first driver still runs would hand out the same trials twice."""
-    from ltssl.sweep import SweepError, run_sweep
-    from ltssl.sweep.folder import driver_lock
-
     spec = sweep(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
