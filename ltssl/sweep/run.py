@@ -24,7 +24,9 @@ import ray
 from ray import tune
 from ray.job_config import JobConfig
 
+from ltssl.config import load_config
 from ltssl.report import analyze
+from ltssl.tracking import end_sweep_parent, sweep_parent
 from ltssl.sweep.bookkeeping import Bookkeeper
 from ltssl.sweep.callback import SweepCallback
 from ltssl.sweep.console import SweepBoard
@@ -171,6 +173,25 @@ def fit(tuner: tune.Tuner, run: SweepRun, book: Bookkeeper) -> str | None:
     return interrupted
 
 
+def open_tracking_parent(run: SweepRun):
+    """MLflow's parent run of the sweep, when its trials log to MLflow (their runs nest under it);
+    the trials' tracking config, or None without trials. Tracker errors are logged, never raised."""
+    if not run.trials:
+        return None
+    cfg = load_config(run.trials[0].config)
+    spec = run.spec
+    sweep_parent(cfg, run.output_dir, {"sweep": spec.name, "metric": spec.metric, "mode": spec.mode,
+                                       "num_trials": len(run.trials), "partition": run.partition or "local jobs"})
+    return cfg
+
+
+def close_tracking_parent(cfg, run: SweepRun, outcome: SweepOutcome) -> None:
+    """End the parent run when the sweep is over (FINISHED) or was stopped by Ctrl-C (KILLED); after
+    SIGTERM or a lost Ray the jobs run on and a resumed sweep continues the same parent run."""
+    if cfg is not None and outcome.interrupted in (None, "cancelled"):
+        end_sweep_parent(cfg, run.output_dir, "FINISHED" if outcome.interrupted is None else "KILLED")
+
+
 def finish(run: SweepRun, book: Bookkeeper, outcome: SweepOutcome) -> SweepOutcome:
     """After Tune: cancel what still runs (unless detached), write the files, print the table, the report."""
     console, output_dir = run.console, run.output_dir
@@ -198,6 +219,7 @@ def finish(run: SweepRun, book: Bookkeeper, outcome: SweepOutcome) -> SweepOutco
 def run_tune(run: SweepRun) -> SweepOutcome:
     """Run (or resume) the sweep ``run`` describes, with Ray started; see the module docstring."""
     prepare_folder(run)
+    tracking = open_tracking_parent(run)
     outcome = SweepOutcome(output_dir=run.output_dir, sweep_id=run.sweep_id)
     scheduler = make_scheduler(run)
     board = SweepBoard(run.spec.name, str(run.output_dir), run.spec.metric, run.spec.mode, len(run.trials),
@@ -213,7 +235,8 @@ def run_tune(run: SweepRun) -> SweepOutcome:
     remaining = searcher.remaining()
     if remaining == 0:
         run.console.print("every trial of this sweep is over: nothing to run")
-        return finish(run, book, outcome)
+        close_tracking_parent(tracking, run, finish(run, book, outcome))
+        return outcome
     watch = RayWatch(run.output_dir)
     watch.start()
     try:
@@ -221,6 +244,7 @@ def run_tune(run: SweepRun) -> SweepOutcome:
         if watch.check():
             outcome.interrupted = "ray_lost"
         finish(run, book, outcome)
+        close_tracking_parent(tracking, run, outcome)
     finally:
         watch.stop()
         if watch.lost:
