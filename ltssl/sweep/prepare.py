@@ -6,8 +6,8 @@ resources) and :func:`ltssl.data.prepare_dataset` on each distinct data section,
 JSON line per dataset (``{"data": ..., "n_train": ..., "root": ...}``). A refusal exits with
 status 2 and one line on stderr naming the key; nothing has been submitted.
 
-A child process because the checks import the trainer's registries (torch, about 0.7 GB and
-several seconds here): the driver stays small for the whole sweep.
+A child process because the checks import the trainer's registries, i.e. torch (its memory and
+its import time): the driver stays small for the whole sweep.
 """
 
 from __future__ import annotations

@@ -4,10 +4,10 @@ If either dies under a running sweep (killed by an administrator, the OOM killer
 clean-up), nothing of the sweep is lost: its Slurm jobs run on, and ``--resume`` re-attaches to
 them. What must not happen is what Ray does by itself: with the raylet gone Tune reports every
 running trial as failed (and the driver would cancel their jobs), and with the GCS gone the
-driver blocks, then Ray's core worker ends the process with its own error a minute later. So the
-driver watches both processes: on a loss it marks the sweep detached (trial actors that still
-run leave their jobs alone), stops Tune, records nothing more, and exits with one line
-(:data:`RAY_LOST_EXIT`).
+driver blocks, then Ray's core worker ends the process with its own error once its GCS
+reconnection timeout runs out. So the driver watches both processes: on a loss it marks the
+sweep detached (trial actors that still run leave their jobs alone), stops Tune, records nothing
+more, and exits with one line (:data:`RAY_LOST_EXIT`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ WATCHED = {"gcs_server": "Ray's GCS server", "raylet": "Ray's raylet"}
 def _without_raylet_dump(print_to_stdstream):
     """Ray's printer of the errors Ray publishes to the driver, less the raylet's death notice: that
     notice (published by Ray's agent the moment the raylet dies, before this watch can see it)
-    carries the raylet's last twenty log lines of state dumps; the driver's one line says what the
+    carries the raylet's last log lines (state dumps); the driver's one line says what the
     user needs."""
 
     def printer(data, *args, **kwargs):
