@@ -217,3 +217,22 @@ def test_build_optimizer_and_learning_rate_schedule():
     assert learning_rate(cfg, 50, 10, 5) == pytest.approx(0.0, abs=1e-12)
     const = load_config({"optim": {"lr": 0.1, "schedule": "constant"}}).optim
     assert learning_rate(const, 37, 10, 5) == 0.1
+
+
+@pytest.mark.parametrize("name", ["sgd", "rwsam"])
+def test_step_keeps_gradient_and_sam_buffers_between_steps(name):
+    """No per-step allocation of gradients or of SAM's w / e_w: the same storage serves every step."""
+    model = _PerSample()
+    opt = build_optimizer(load_config({"optim": {"name": name, "rho": 0.5, "adaptive": True}}).optim, model)
+    gen = torch.Generator().manual_seed(4)
+    batch = {"views": [torch.randn(6, 3, generator=gen)], "target": torch.randn(6, generator=gen)}
+    storage = []
+    for _ in range(3):
+        before = [p.detach().clone() for p in model.parameters()]
+        train_step(model, opt, batch, torch.rand(6, generator=gen) + 0.5 if name == "rwsam" else None)
+        assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))  # the step moved every parameter
+        buffers = [p.grad.data_ptr() for p in model.parameters()]
+        if name == "rwsam":
+            buffers += [opt._saved[p].data_ptr() for p in model.parameters()] + [opt._work[p].data_ptr() for p in model.parameters()]
+        storage.append(buffers)
+    assert storage[0] == storage[1] == storage[2]

@@ -36,40 +36,49 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups  # one set of groups: lr changes reach both
         self.defaults.update(self.base_optimizer.defaults)
-        self._saved: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> its w while at w + e_w
+        # buffers kept from step to step (a fresh copy of every parameter at each step costs allocation and
+        # page faults that are a visible share of a CPU step): w while at w + e_w, and the work space of e_w
+        self._saved: dict[torch.Tensor, torch.Tensor] = {}
+        self._work: dict[torch.Tensor, torch.Tensor] = {}
         self._perturbed: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []  # (params, saved) since first_step
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
-        groups = []  # (group, params with a gradient, T(w) * g)
+        """Move every parameter with a gradient from ``w`` to ``w + e_w`` (``w`` is remembered for :meth:`second_step`).
+
+        No tensor is allocated per step beyond the per-group norms: ``e_w`` is built in kept buffers.
+        """
+        groups = []  # (group, params with a gradient, work buffers holding T(w) * g up to sign)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            grads = [p.grad for p in params]
-            scaled = torch._foreach_mul(torch._foreach_abs(params), grads) if group["adaptive"] else grads
-            groups.append((group, params, scaled))
-        norms = [n for _, _, scaled in groups for n in torch._foreach_norm(scaled)]
+            work = [self._buffer(self._work, p) for p in params]
+            if params:
+                torch._foreach_copy_(work, [p.grad for p in params])
+                if group["adaptive"]:
+                    torch._foreach_mul_(work, params)  # w * g: the norm of |w| * g
+            groups.append((group, params, work))
+        norms = [n for _, _, work in groups for n in torch._foreach_norm(work)]
         if norms:
             grad_norm = torch.linalg.vector_norm(torch.stack(norms).float())
-            for group, params, scaled in groups:
+            for group, params, work in groups:
                 if not params:
                     continue
-                scale = group["rho"] / (grad_norm + 1e-12)
-                # w is remembered in buffers kept from step to step: a fresh copy of every parameter at
-                # each step costs allocation and page faults that are a visible share of a CPU step
-                saved = [self._buffer(p) for p in params]
+                saved = [self._buffer(self._saved, p) for p in params]
                 torch._foreach_copy_(saved, params)
                 self._perturbed.append((params, saved))
-                # T(w)^2 g = T(w) * (T(w) g)
-                e_w = torch._foreach_mul(torch._foreach_abs(params), scaled) if group["adaptive"] else [g.clone() for g in scaled]
-                torch._foreach_mul_(e_w, scale.to(params[0].dtype))
-                torch._foreach_add_(params, e_w)
+                if group["adaptive"]:
+                    torch._foreach_mul_(work, params)  # T(w)^2 g = w * (w * g)
+                torch._foreach_mul_(work, (group["rho"] / (grad_norm + 1e-12)).to(params[0].dtype))
+                torch._foreach_add_(params, work)
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
-    def _buffer(self, p: torch.Tensor) -> torch.Tensor:
-        buf = self._saved.get(p)
+    @staticmethod
+    def _buffer(store: dict[torch.Tensor, torch.Tensor], p: torch.Tensor) -> torch.Tensor:
+        """``store``'s buffer for parameter ``p`` (made once, again only if ``p`` changes shape, dtype or device)."""
+        buf = store.get(p)
         if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
-            buf = self._saved[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+            buf = store[p] = torch.empty_like(p, memory_format=torch.preserve_format)
         return buf
 
     @torch.no_grad()
