@@ -20,10 +20,15 @@ cluster-up: install
 cluster-down:
 	slurm/local-cluster down
 
-bench: install      ## every benchmark, figures into benchmarks/results/*.json
+bench: install      ## every benchmark, one command each, figures into benchmarks/results/*.json
 	$(PY) benchmarks/loader.py
 	$(PY) benchmarks/step.py
+	$(PY) benchmarks/multiview.py
+	$(PY) benchmarks/launch.py
+	$(PY) benchmarks/multinode.py
 	$(PY) benchmarks/sweep_overhead.py
+	$(PY) benchmarks/sweep_scale.py
+	$(PY) benchmarks/gpu.py
 
 clean:
 	rm -rf .venv .pytest_cache data results
