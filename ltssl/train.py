@@ -348,7 +348,7 @@ def build_data(cfg: Config, rt: Runtime, gate: BoundaryGate):
     """
     # deferred: the loaders sit on FFCV, which this module's importers without FFCV (benchmarks/gpu.py
     # on a bare GPU machine) never need
-    from ltssl.data.ffcv import SSLLoader
+    from ltssl.data.resident import ssl_loader
 
     if rt.is_main:
         data = prepare_dataset(cfg.data)
@@ -357,9 +357,11 @@ def build_data(cfg: Config, rt: Runtime, gate: BoundaryGate):
         data = prepare_dataset(cfg.data)
     gate.open()  # a signal during preparation is handled now (no job yet: nothing to save)
     recipe = "imagenet" if cfg.data.dataset == "imagefolder" else "cifar"
-    loader = cached_loader(SSLLoader, data.train_beton, batch_size=rt.local_batch, num_views=cfg.data.num_views,
+    # data.resident: the set decoded once onto the device (ResidentLoader) or streamed (SSLLoader), same batches
+    loader = cached_loader(ssl_loader, data.train_beton, batch_size=rt.local_batch, num_views=cfg.data.num_views,
                            image_size=data.image_size, recipe=recipe, seed=cfg.train.seed, distributed=rt.world > 1,
-                           device=rt.device, num_workers=cfg.data.num_workers)
+                           device=rt.device, num_workers=cfg.data.num_workers, resident=cfg.data.resident,
+                           resident_max_mb=cfg.data.resident_max_mb)
     return data, loader
 
 

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from ltssl.config import load_config
 from ltssl.data import DataError
 from ltssl.data import ffcv as lf
 from ltssl.data import resident as R
 from ltssl.data.ffcv import SSLLoader, write_beton
 from test_data_util import cifar_images
-
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba finalizer noise
 
 N, C = 320, 10
 MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.25, 0.25)
@@ -142,3 +142,43 @@ def test_the_choice(beton):
     assert R.use_resident("on", "cpu", None, 0.0) and not R.use_resident("off", "cuda", decoded, 1e9)
     with pytest.raises(DataError, match=r"^data.resident must be one of auto, on, off, got 'yes'$"):
         R.ssl_loader(beton, distributed=False, num_workers=1, resident="yes", **KW)
+
+
+# ----------------------------------------------------------------------------- through train()
+
+DIGITS_YAML = Path(__file__).resolve().parents[1] / "sweeps" / "digits_lt" / "train.yaml"
+
+
+class _Stop(Exception):
+    pass
+
+
+def _train_cfg(cache_dir, resident):
+    return load_config(DIGITS_YAML, {"data.cache_dir": cache_dir, "data.resident": resident, "train.epochs": 2,
+                                     "train.eval_every": 0, "eval.linear_epochs": 0, "train.checkpoint_every": 5})
+
+
+def _model(run_dir):
+    return torch.load(Path(run_dir) / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+@pytest.mark.timeout(1800)  # two short digits trainings: seconds on idle cores, minutes on a loaded CI machine
+def test_training_with_the_resident_loader_resumes_exactly(tmp_path):
+    """train() with data.resident=on, stopped mid-epoch 2 and resumed, ends with the uninterrupted run's weights."""
+    from ltssl import train as train_module
+
+    cache = str(tmp_path / "cache")
+    uninterrupted = train_module.train(_train_cfg(cache, "on"), tmp_path / "resident")
+    assert any(isinstance(loader, R.ResidentLoader) for loader in train_module._LOADERS.values())
+
+    def stop_mid_epoch(info):
+        if info["global_step"] == 9:  # epoch 2, step 3 of 7
+            assert train_module.checkpoint_now()
+            raise _Stop()
+
+    with pytest.raises(_Stop):
+        train_module.train(_train_cfg(cache, "on"), tmp_path / "cut", step_hook=stop_mid_epoch)
+    resumed = train_module.train(_train_cfg(cache, "on"), tmp_path / "cut")
+    a, b = _model(tmp_path / "resident"), _model(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert uninterrupted["final_loss"] == resumed["final_loss"] and uninterrupted["knn_acc"] == resumed["knn_acc"]

@@ -81,7 +81,7 @@ class ResidentLoader:
             raise DataError(f"rank must be in 0..{int(world_size) - 1}, got {rank}")
         self.device = torch.device(device)
         self.images = images.to(self.device)
-        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64).to(self.device)
+        self.labels = (labels if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))).to(self.device, torch.int64)
         if self.labels.shape != (images.shape[0],):
             raise DataError(f"resident labels must be [{images.shape[0]}], got {tuple(self.labels.shape)}")
         self.num_samples = int(images.shape[0])
