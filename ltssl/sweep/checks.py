@@ -15,6 +15,7 @@ import sys
 import tempfile
 
 from ltssl.launch import LaunchError
+from ltssl.launch.local import child_env
 from ltssl.sweep.prepare import check_and_prepare
 from ltssl.sweep.spec import SweepError
 
@@ -38,7 +39,9 @@ def check_jobs(configs: list[dict], prepare: bool, check_names: bool = True) -> 
     try:
         cmd = [sys.executable, "-m", "ltssl.sweep.prepare", path] + ([] if prepare else ["--no-prepare"])
         cmd += [] if check_names else ["--no-check-names"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.getcwd())
+        # env=: a copy made here; without it the exec reads libc's live environ, which Ray's threads
+        # (starting meanwhile) may free under it: "OSError: [Errno 14] Bad address" (local.child_env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.getcwd(), env=child_env())
     finally:
         os.unlink(path)
     if proc.returncode == 2:
