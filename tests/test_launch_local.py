@@ -195,7 +195,8 @@ def test_preflight_refuses_before_submitting(tmp_path):
     cfg = load_config({"data": {"dataset": "cifar10", "root": str(missing)}, "launch": {"timeout_min": 5, "signal_delay_s": 30}})
     with pytest.raises(LaunchError) as info:
         submit(cfg, run_dir, target=TOY)
-    assert str(info.value) == f"data.root {missing} does not exist"
+    assert str(info.value).startswith(f"data.root {missing} does not exist: get cifar-10-python.tar.gz")  # and how to get it
+    assert "\n" not in str(info.value)
     with pytest.raises(LaunchError, match="launch.signal_delay_s must be < launch.timeout_min"):
         preflight(local_cfg(timeout_min=1, signal_delay_s=60))
     assert not run_dir.exists(), "a refused job must not create its run folder"
@@ -348,12 +349,13 @@ def test_a_job_whose_controller_was_killed_runs_on_and_a_reattached_handle_waits
 def test_every_child_process_of_the_launch_layer_gets_an_explicit_environment():
     """subprocess without ``env=`` execs the child with libc's live ``environ``; a thread that sets a
     variable meanwhile (Ray does while starting) frees it under the exec: "OSError: [Errno 14] Bad
-    address: '.../python'". Every spawn in ltssl/launch passes a copy (``local.child_env()``)."""
+    address: '.../python'". Every spawn in ltssl/launch and ltssl/sweep (the driver, where Ray's
+    threads run) passes a copy (``local.child_env()``)."""
     spawns = []
-    for path in sorted((REPO / "ltssl" / "launch").glob("*.py")):
+    for path in sorted([*(REPO / "ltssl" / "launch").glob("*.py"), *(REPO / "ltssl" / "sweep").glob("*.py")]):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("run", "Popen", "check_output", "check_call"):
                 if isinstance(node.func.value, ast.Name) and node.func.value.id == "subprocess":
                     spawns.append((f"{path.name}:{node.lineno}", any(k.arg == "env" for k in node.keywords)))
-    assert len(spawns) >= 4, spawns
+    assert len(spawns) >= 5, spawns
     assert [where for where, has_env in spawns if not has_env] == []

@@ -7,6 +7,10 @@ from pathlib import Path
 
 from ltssl.config import Config, ConfigError, validate
 from ltssl.data import dataset_dir_name
+from ltssl.data.errors import DataError
+from ltssl.data.prepare import check_data_config
+from ltssl.data.sources import missing_source
+from ltssl import tracking
 from ltssl.launch import slurm
 from ltssl.launch.errors import LaunchError
 
@@ -19,7 +23,8 @@ def tasks_per_node(cfg: Config) -> int:
 def preflight(cfg: Config, *, check_names: bool = True) -> None:
     """Raise a one-line :class:`LaunchError` unless the job can run as configured.
 
-    Checks, in order: the configuration is valid; the training module accepts the names in it
+    Checks, in order: the configuration is valid and its trackers can work
+    (``ltssl.tracking.check``); the training module accepts the names in it
     (``ltssl.train.check_names(cfg)``; skipped with ``check_names=False``, for jobs that run
     another target); the dataset is readable; then, with
     ``launch.partition`` set, that the partition exists (``sinfo``) and that one task layout
@@ -28,6 +33,7 @@ def preflight(cfg: Config, *, check_names: bool = True) -> None:
     """
     try:
         validate(cfg)
+        tracking.check(cfg)  # a missing tracker package or W&B online without login: refused before submitting
     except ConfigError as error:
         raise LaunchError(str(error)) from None
     if cfg.launch.signal_delay_s >= cfg.launch.timeout_min * 60:
@@ -65,6 +71,13 @@ def _readable(path: Path, key: str, want_dir: bool | None = None) -> None:
         raise LaunchError(f"{key} {path} is not readable")
 
 
+def _source(dataset: str, root: str, key: str) -> None:
+    """A source folder: missing -> the one-line error that also says how to get it."""
+    if not Path(root).exists():
+        raise LaunchError(str(missing_source(dataset, root, key)))
+    _readable(Path(root), key, want_dir=True)
+
+
 def _prepared_dir(cfg: Config) -> Path | None:
     """Where ltssl.data caches this dataset (``cache_dir/<dataset_dir_name>``), or None."""
     try:
@@ -84,7 +97,7 @@ def check_dataset(cfg: Config) -> None:
         _readable(prepared / "manifest.json", "data.cache_dir: prepared manifest")
         return
     if data.root:
-        _readable(Path(data.root), "data.root", want_dir=True)
+        _source(data.dataset, data.root, "data.root")
     elif data.dataset != "digits":
         raise LaunchError(f"data.root must name the {data.dataset} source folder, got None")
     if data.split_file:
@@ -92,7 +105,11 @@ def check_dataset(cfg: Config) -> None:
     if data.ood_dataset and data.ood_dataset not in ("digits", "digits_ood"):  # embedded: no source folder
         if not data.ood_root:
             raise LaunchError(f"data.ood_root must name the {data.ood_dataset} source folder, got None")
-        _readable(Path(data.ood_root), "data.ood_root", want_dir=True)
+        _source(data.ood_dataset, data.ood_root, "data.ood_root")
+    try:  # e.g. a configured imbalance ratio that contradicts the split file: refused before submitting
+        check_data_config(data)
+    except DataError as error:
+        raise LaunchError(str(error)) from None
     # The job writes the prepared dataset under cache_dir: it must be creatable and writable.
     cache = Path(data.cache_dir).absolute()
     existing = cache
