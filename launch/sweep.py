@@ -18,7 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ltssl.sweep.checks import quick_preflight  # noqa: E402
 from ltssl.sweep.driver import DEFAULT_SWEEP, run_sweep  # noqa: E402
+from ltssl.sweep.folder import with_tracking  # noqa: E402
 from ltssl.sweep.spec import SweepError, load_sweep  # noqa: E402
 
 
@@ -52,20 +54,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", metavar="MODULE:FUNCTION",
                    help="the function each job runs as function(cfg, run_dir); default ltssl.train:train "
                    "(a resumed sweep keeps the one it started with)")
+    p.add_argument("--wandb", metavar="PROJECT",
+                   help="log every trial to this Weights & Biases project (tracking.wandb_project; a new sweep "
+                   "only: a resumed one keeps the trackers it started with)")
+    p.add_argument("--mlflow", nargs="?", const="", metavar="URI",
+                   help="log every trial to MLflow (tracking.mlflow), at URI when given (tracking.mlflow_uri; "
+                   "default the file store <output-dir>/mlruns); a new sweep only")
     p.add_argument("--dry-run", action="store_true",
-                   help="check the sweep and every trial config, print the trials, start nothing")
+                   help="check the sweep, every trial config and job (datasets, partition, resources), "
+                   "print the trials, start nothing")
     p.add_argument("--no-analyze", dest="analyze", action="store_false",
                    help="do not write the report at the end")
     return p
 
 
+def tracking_of(args: argparse.Namespace) -> dict:
+    """The ``tracking`` settings that ``--wandb`` and ``--mlflow`` ask for (empty without them)."""
+    tracking: dict = {}
+    if args.wandb is not None:
+        tracking["wandb_project"] = args.wandb
+    if args.mlflow is not None:
+        tracking["mlflow"] = True
+        if args.mlflow:
+            tracking["mlflow_uri"] = args.mlflow
+    return tracking
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a log file as they happen
+    tracking = tracking_of(args)
     try:
         if args.dry_run:
-            spec = load_sweep(args.config or DEFAULT_SWEEP)
+            spec = with_tracking(load_sweep(args.config or DEFAULT_SWEEP), tracking)
             trials = spec.validate_trials(args.partition)
+            quick_preflight([t.config for t in trials])  # what a real start refuses, refused here too
             print(f"sweep {spec.name}: {len(trials)} trials, metric {spec.metric} ({spec.mode}), "
                   f"scheduler {spec.scheduler.name}, search {spec.search.algorithm}")
             for t in trials:
@@ -82,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             max_concurrent=args.max_concurrent,
             analyze=args.analyze,
             target=args.target,
+            tracking=tracking,
         )
     except SweepError as error:
         print(f"sweep: {error}", file=sys.stderr)

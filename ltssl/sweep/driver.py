@@ -66,6 +66,7 @@ def run_sweep(
     target_kwargs: dict | None = None,
     analyze: bool = True,
     prepare: bool = True,
+    tracking: dict | None = None,
     console=None,
     live: bool | None = None,
 ) -> SweepOutcome:
@@ -84,9 +85,15 @@ def run_sweep(
         target_kwargs: extra keyword arguments of the target.
         analyze: write the report (``output_dir/report``) at the end.
         prepare: prepare the datasets before the first trial (the jobs would otherwise).
+        tracking: keys of the ``tracking`` config section set for every trial of a new sweep
+            (a resumed sweep keeps the trackers it started with).
     """
-    opened = open_resumed if resume else open_new
-    run = opened(config, output_dir, partition, target, target_kwargs)
+    if resume:
+        if tracking:
+            raise SweepError("--wandb/--mlflow: a resumed sweep keeps the trackers in its sweep.yaml; resume without them")
+        run = open_resumed(config, output_dir, partition, target, target_kwargs)
+    else:
+        run = open_new(config, output_dir, partition, target, target_kwargs, tracking=tracking)
     run.console = console or default_console()
     run.live, run.analyze = live, analyze
     with contextlib.ExitStack() as stack:

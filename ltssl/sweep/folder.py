@@ -38,9 +38,19 @@ def latest_output_dir(name: str, root: Path | None = None) -> Path | None:
     return found[-1] if found else None
 
 
-def open_new(config, output_dir, partition: str | None, target: str | None, target_kwargs: dict | None) -> SweepRun:
-    """A new sweep from ``config`` (default :data:`DEFAULT_SWEEP`) into ``output_dir``; nothing written yet."""
-    spec = load_sweep(config or DEFAULT_SWEEP)
+def with_tracking(spec: SweepSpec, tracking: dict | None) -> SweepSpec:
+    """``spec`` with ``tracking`` (``{"wandb_project": ..., "mlflow": ..., ...}``, keys of the
+    config's ``tracking`` section) added to the overrides of every trial; ``sweep.yaml`` keeps them."""
+    for key, value in (tracking or {}).items():
+        spec.overrides[f"tracking.{key}"] = value
+    return spec
+
+
+def open_new(config, output_dir, partition: str | None, target: str | None, target_kwargs: dict | None,
+             tracking: dict | None = None) -> SweepRun:
+    """A new sweep from ``config`` (default :data:`DEFAULT_SWEEP`) into ``output_dir``; nothing written yet.
+    ``tracking``: tracker settings for every trial (:func:`with_tracking`)."""
+    spec = with_tracking(load_sweep(config or DEFAULT_SWEEP), tracking)
     output_dir = Path(output_dir) if output_dir is not None else default_output_dir(spec)
     if (output_dir / "sweep.json").is_file():
         raise SweepError(f"--output-dir {output_dir} already holds a sweep: add --resume to continue it")

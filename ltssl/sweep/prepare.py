@@ -29,7 +29,7 @@ def check_and_prepare(configs: list[dict], *, prepare: bool = True, check_names:
     seen_jobs, seen_data, prepared = set(), set(), []
     for tree in configs:
         cfg = load_config(tree)
-        job_key = _key({**tree, "batch": tree["train"]["batch_size"]}, ("data", "model", "method", "launch", "batch"))
+        job_key = _key({**tree, "batch": tree["train"]["batch_size"]}, ("data", "model", "method", "launch", "tracking", "batch"))
         if job_key not in seen_jobs:
             seen_jobs.add(job_key)
             preflight(cfg, check_names=check_names)
