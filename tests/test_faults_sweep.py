@@ -36,7 +36,11 @@ from test_sweep_standin import (
 )
 from waiting import wait_until
 
+from ltssl.launch.slurm_state import JobStatus, Observation, QueryError, lost_job, resolve
+from ltssl.sweep.bookkeeping import Bookkeeper
 from ltssl.sweep.raywatch import RAY_LOST_EXIT
+from ltssl.sweep.resume import settle_unfinished
+from ltssl.sweep.spec import load_sweep
 
 pytestmark = pytest.mark.slurm
 
@@ -200,3 +204,32 @@ def test_ray_killed_under_a_running_sweep_the_jobs_run_on_and_resume_reattaches(
 
     resume_and_check_every_trial_once(out, env, tmp_path / "run2.log", running, hold)
     assert not ray_orphans(env["RAY_TMPDIR"])
+
+
+def test_a_trial_lost_to_an_unreachable_slurmctld_is_picked_up_by_resume(tmp_path):
+    """Fault 1 past launch.controller_downtime_s: the trial ends failed with the handle's one line,
+    its job is not cancelled (it may run on unseen), and --resume looks at the job again and runs
+    the trial (re-attach, or resubmit on its run_dir); a trial whose job itself failed stays failed."""
+    down = QueryError("squeue failed: slurm_load_jobs error: Unable to contact slurm controller (connect failure)")
+    gave_up = resolve("7", Observation(down, {}, 700.0), unreachable_s=700.0, tolerated_s=600, last=JobStatus("RUNNING", "n1"))
+    assert gave_up.error is not None and lost_job(gave_up.error)
+    assert not lost_job("job 7 ended FAILED: Traceback ... ZeroDivisionError") and not lost_job(None)
+
+    book = Bookkeeper(load_sweep(TESTS.parent / "sweeps" / "digits_lt" / "default.yaml"), tmp_path, "sweep-x")
+    for key in ("t0000", "t0001"):
+        run_dir = tmp_path / "trials" / key
+        run_dir.mkdir(parents=True)
+        book.ledger.create({"trial_id": key, "status": "running", "group": "r=10", "params": {}, "run_dir": str(run_dir),
+                            "job_id": "7", "job_ids": ["7"]})
+    book.ledger.update("t0000", error=gave_up.error)  # as the trial's result() records it
+    book.finish("t0000", "failed", error=gave_up.error, cancel=True)
+    book.finish("t0001", "failed", error="job 8 ended FAILED: ZeroDivisionError", cancel=True)
+    assert len(book.cancels) == 1  # only the trial whose job really failed is cancelled (a backstop)
+    assert book.ledger.read("t0000")["status"] == "failed"  # what this driver's user sees: one line, the cause
+
+    counts = settle_unfinished(book, None)  # what --resume does first
+    lost = book.ledger.read("t0000")
+    assert lost["status"] == "running" and lost["error"] is None  # the resumed driver runs it (no job.json: resubmit)
+    assert counts == {"finished_while_away": 0, "failed_while_away": 0, "reattach": 0, "resubmit": 1}
+    assert book.ledger.read("t0001")["status"] == "failed"
+    book.wait_cancels()

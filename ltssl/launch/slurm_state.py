@@ -115,11 +115,20 @@ def resolve(
     if unreachable_s > tolerated_s:
         error = (
             f"slurmctld has not answered for {unreachable_s:.0f} s (more than launch.controller_downtime_s="
-            f"{tolerated_s:g}), so the state of job {job_id} is unknown: {squeue.message}; restart slurmctld, "
-            "then --resume re-attaches to the job if it still runs"
+            f"{tolerated_s:g}), so the state of job {job_id} is unknown: {squeue.message}; {LOST_HINT}"
         )
         return JobStatus(held.state if held else UNKNOWN, held.nodes if held else None, error)
     return held if held is not None else JobStatus(UNKNOWN)
+
+
+#: the end of a lost job's error (a handle that gave up past launch.controller_downtime_s): the
+#: sweep recognises it in a failed trial's error and lets --resume pick that trial up (:func:`lost_job`)
+LOST_HINT = "restart slurmctld, then --resume re-attaches to the job if it still runs"
+
+
+def lost_job(error: str | None) -> bool:
+    """Whether a trial's ``error`` is a handle giving up on an unreachable slurmctld (not the job's end)."""
+    return bool(error) and "launch.controller_downtime_s" in error and LOST_HINT in error
 
 
 def _status(view: JobView) -> JobStatus:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ltssl.launch import JobHandle, LaunchError
+from ltssl.launch.slurm_state import lost_job
 from ltssl.results import ResultsWriter, read_jsonl
 from ltssl.sweep.ledger import Ledger
 from ltssl.sweep.spec import SweepSpec
@@ -74,6 +75,8 @@ class Bookkeeper:
     def finish(self, key: str, status: str, error: str | None = None, cancel: bool = False) -> dict:
         """Record the end of trial ``key`` (a result status), cancel its job if asked; the record."""
         record = self.ledger.read(key)
+        if status == "failed" and lost_job(record.get("error") or error):
+            cancel = False  # its job may still run unseen: --resume re-attaches to it (resume.settle_unfinished)
         if cancel and record.get("run_dir"):
             # Backstop to the trial's own cleanup(): off the Tune loop, it can take a second or two.
             self.cancels.append(self.pool.submit(cancel_job, record["run_dir"]))

@@ -2,12 +2,15 @@
 
 Jobs that ended are recorded (completed or failed, with the job's traceback); jobs still queued
 or running are left for their trial to re-attach to; the rest are resubmitted on their own
-run_dir, so they resume from their checkpoints. Trials that finished earlier feed the scheduler's
+run_dir, so they resume from their checkpoints. A trial that failed only because its handle gave
+up on an unreachable slurmctld (past ``launch.controller_downtime_s``) is looked at again the same
+way: its job may have run on, or ended, meanwhile. Trials that finished earlier feed the scheduler's
 rungs, so new trials are ranked against them.
 """
 
 from __future__ import annotations
 
+from ltssl.launch.slurm_state import lost_job
 from ltssl.results import RESULT_STATUSES
 from ltssl.sweep.bookkeeping import Bookkeeper
 from ltssl.sweep.trainable import reconcile
@@ -18,8 +21,14 @@ def settle_unfinished(book: Bookkeeper, scheduler) -> dict[str, int]:
     counts = {"finished_while_away": 0, "failed_while_away": 0, "reattach": 0, "resubmit": 0}
     for record in book.ledger.all():
         key = record["trial_id"]
-        if record["status"] in ("submitting", "running", "cancelled"):
+        lost = record["status"] == "failed" and lost_job(record.get("error"))
+        if record["status"] in ("submitting", "running", "cancelled") or lost:
             action, value = reconcile(record)
+            if lost and action in ("attach", "submit"):
+                # the resumed driver runs it again: its trial re-attaches (or resubmits on its run_dir)
+                record = book.ledger.update(key, status="running", error=None)
+            elif lost:
+                book.ledger.update(key, error=None)  # the job's own end replaces the controller's error
             if action == "finished":
                 book.finish(key, "completed")
                 counts["finished_while_away"] += 1
