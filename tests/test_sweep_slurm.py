@@ -80,8 +80,8 @@ def test_asha_cancels_the_jobs_of_stopped_trials_and_a_failed_job_fails_only_its
                       (1.0, FAIL_RHO): "failed", (100.0, FAIL_RHO): "failed"}
     assert set(df["partition"]) == {"cpu"} and df["node_list"].notna().all()
     stopped = df[df["status"] == "stopped_early"]["slurm_job_id"].tolist()
-    # the stopped trials' jobs were cancelled: gone from squeue (Slurm's KillWait is 5 s here)
-    wait_until(lambda: not (set(stopped) & squeue_ids()), 30, f"jobs {stopped} to leave squeue")
+    # the stopped trials' jobs were cancelled: gone from squeue (Slurm's KillWait is 15 s here, slurm/slurm.conf.in)
+    wait_until(lambda: not (set(stopped) & squeue_ids()), 120, f"jobs {stopped} to leave squeue")
     # slurmdbd records a job's end after squeue drops it
     wait_until(lambda: all(sacct_state(j) == "CANCELLED" for j in stopped), 60, f"accounting to record {stopped} CANCELLED")
     for job_id in stopped:
