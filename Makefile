@@ -28,7 +28,8 @@ bench: install      ## every benchmark, one command each, figures into benchmark
 	$(PY) benchmarks/multinode.py
 	$(PY) benchmarks/sweep_overhead.py
 	$(PY) benchmarks/sweep_scale.py
-	$(PY) benchmarks/gpu.py
+	@if $(PY) -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then $(PY) benchmarks/gpu.py; \
+	else echo "bench: no CUDA device here; benchmarks/gpu.py is the device check for a GPU machine (README, Benchmarks)"; fi
 
 clean:
 	rm -rf .venv .pytest_cache data results
