@@ -147,6 +147,8 @@ class TrainConfig:
     checkpoint_every: int = _f(1, "save a checkpoint every this many epochs", ge=1)
     log_every: int = _f(10, "write a step metrics line every this many steps", ge=1)
     eval_every: int = _f(1, "kNN monitor every this many epochs (0 = only at the end)", ge=0)
+    restart_on_corrupt_checkpoint: bool = _f(False, "when no saved checkpoint of the run is readable (last.pt and previous.pt "
+                                             "both corrupt), start the run over instead of stopping with an error")
 
 
 @dataclass

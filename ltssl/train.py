@@ -24,7 +24,7 @@ give the weights (:func:`ltssl.optim.weights.kde_weights`); the same pass feeds 
 ``on_train_features`` hook (TASE) when it asks for it.
 
 Outputs (rank 0): ``run_dir/config.yaml``, ``metrics.jsonl`` (one JSON object per line, flushed),
-``checkpoints/last.pt`` (:mod:`ltssl.checkpoint`), ``result.json``. Step lines carry
+``checkpoints/`` (the last two, verified on load: :mod:`ltssl.checkpoint`), ``result.json``. Step lines carry
 ``weight_mean``/``weight_max``: the rwSAM ascent weights of the samples drawn since the previous
 step line (1 without re-weighting); refresh lines carry the dataset-level
 ``dataset_weight_mean``/``dataset_weight_max`` (mean 1 by construction). A job started on a run
@@ -549,7 +549,7 @@ class Job:
         """Continue from :meth:`state`; refuses a checkpoint whose epochs have another number of steps."""
         if state["schedule"]["steps_per_epoch"] != self.steps_per_epoch:
             raise RuntimeError(
-                f"{self.store.path}: {state['schedule']['steps_per_epoch']} steps per epoch, this job has {self.steps_per_epoch} "
+                f"{self.store.folder}: {state['schedule']['steps_per_epoch']} steps per epoch, this job has {self.steps_per_epoch} "
                 "(the global batch, data or world size changed)"
             )
         self.method.load_state_dict(state["model"])
@@ -744,7 +744,8 @@ def train(cfg: Config, run_dir, *, step_hook: Callable[[dict], None] | None = No
             log = open_run_dir(cfg, run_dir, rt)
             cleanup.callback(log.close)  # result None: the job stops early (no-op after the close below)
             job = Job(cfg, run_dir, rt, data, loader, method, model, optimizer, weights,
-                      Evaluator(cfg, rt, data, method, gate), log, CheckpointStore(run_dir / "checkpoints"))
+                      Evaluator(cfg, rt, data, method, gate), log,
+                      CheckpointStore(run_dir / "checkpoints", restart_on_corrupt=cfg.train.restart_on_corrupt_checkpoint))
             resume(job)
             _ACTIVE = job
             result_path = run_dir / "result.json"
