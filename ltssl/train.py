@@ -56,7 +56,7 @@ from ltssl.config import Config, ConfigError, save_config, to_dict
 from ltssl.data import prepare_dataset
 from ltssl.eval import (accuracy, extract_features, group_accuracy, knn_predict, linear_report, per_class_accuracy,
                         world_size)
-from ltssl.io import atomic_write_text
+from ltssl.io import LineAppender, atomic_write_text
 from ltssl.methods import method_class
 from ltssl.models import build_backbone, check_backbone
 from ltssl.optim import SAM, SampleWeights, build_optimizer, kde_weights, learning_rate
@@ -257,14 +257,14 @@ class MetricsLog:
     """
 
     def __init__(self, path: Path, enabled: bool, tracker=None):
-        self.fh = open(path, "a", buffering=1) if enabled else None
+        # whole lines only: after a full disk left a fragment, the next line (a resumed job's too) starts afresh
+        self.fh = LineAppender(path) if enabled else None
         self.tracker = tracker
 
     def write(self, **fields) -> None:
         if self.fh is not None:
             fields.setdefault("time", time.time())
-            self.fh.write(json.dumps(fields, allow_nan=True) + "\n")
-            self.fh.flush()
+            self.fh.write(json.dumps(fields, allow_nan=True))
             if self.tracker is not None:
                 self.tracker.log(fields)
 

@@ -171,6 +171,11 @@ def test_metrics_jsonl_partial_line_is_never_read_back(disk):
     assert not path.read_bytes().endswith(b"\n")  # a fragment is on disk ...
     assert [line["epoch"] for line in read_jsonl(path)] == [0, 1]  # ... and never read back as a line
     log.close()
+    free(disk)
+    resumed = MetricsLog(path, enabled=True)  # a requeued job appends to the same file
+    resumed.write(epoch=3, loss=0.7)
+    resumed.close()
+    assert [line["epoch"] for line in read_jsonl(path)] == [0, 1, 3]
 
 
 def test_line_appender_full_disk_fragment_then_resume(disk):
