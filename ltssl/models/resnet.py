@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch.nn as nn
 import torchvision
 
-from ltssl.models import norm_layer, register_backbone
+from ltssl.models.registry import norm_layer, register_backbone
 
 
 def _headless(net: nn.Module) -> nn.Module:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ltssl.models import norm_layer, register_backbone
+from ltssl.models.registry import norm_layer, register_backbone
 
 
 class SmallCNN(nn.Module):
