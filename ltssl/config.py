@@ -48,6 +48,10 @@ def _f(default: Any, help: str = "", **constraints: Any) -> Any:
 # ----------------------------------------------------------------------------- sections
 
 
+#: DataConfig fields that are file system paths: made absolute before a job runs in another folder or node.
+DATA_PATH_KEYS = ("root", "split_file", "test_split_file", "ood_root", "cache_dir")
+
+
 @dataclass
 class DataConfig:
     dataset: str = _f("digits", "source dataset", choices=["digits", "cifar10", "cifar100", "imagefolder"])

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ltssl.config import DATA_PATH_KEYS
 from ltssl.sweep import run_sweep
 from ltssl.sweep.spec import SweepError, load_sweep
 
@@ -184,3 +185,12 @@ def test_every_required_sweep_is_shipped():
     names = {f"{p.parent.name}/{p.name}" for p in SHIPPED}
     assert {"digits_lt/default.yaml", "cifar10_lt/rwsam.yaml", "cifar100_lt/rwsam.yaml", "imagenet_lt/rwsam.yaml",
             "digits_lt/delta.yaml", "cifar10_lt/delta.yaml", "cifar100_lt/delta.yaml"} <= names
+
+
+def test_every_data_path_of_the_base_is_made_absolute():
+    """Trials run in other folders and on other nodes: test_split_file too (it was left relative)."""
+    spec = load_sweep(REPO / "sweeps" / "imagenet_lt" / "rwsam.yaml")
+    data = spec.base["data"]
+    given = [key for key in DATA_PATH_KEYS if data.get(key)]
+    assert "test_split_file" in given
+    assert all(os.path.isabs(data[key]) for key in given), {key: data[key] for key in given}

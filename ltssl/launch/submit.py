@@ -25,7 +25,7 @@ from typing import Any
 
 import submitit
 
-from ltssl.config import Config, save_config
+from ltssl.config import DATA_PATH_KEYS, Config, save_config
 from ltssl.launch import local as local_exec
 from ltssl.launch.local import child_env
 from ltssl.launch.errors import LaunchError
@@ -66,13 +66,7 @@ def _absolute_paths(cfg: Config) -> Config:
     def absolute(value: str | None) -> str | None:
         return None if value is None else str(Path(value).expanduser().absolute())
 
-    data = dataclasses.replace(
-        cfg.data,
-        root=absolute(cfg.data.root),
-        split_file=absolute(cfg.data.split_file),
-        ood_root=absolute(cfg.data.ood_root),
-        cache_dir=absolute(cfg.data.cache_dir),
-    )
+    data = dataclasses.replace(cfg.data, **{key: absolute(getattr(cfg.data, key)) for key in DATA_PATH_KEYS})
     return dataclasses.replace(cfg, data=data)
 
 

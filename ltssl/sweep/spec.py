@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from ltssl.config import SECTIONS, ConfigError, Config, load_config, to_dict
+from ltssl.config import DATA_PATH_KEYS, SECTIONS, Config, ConfigError, load_config, to_dict
 
 
 class SweepError(ValueError):
@@ -499,7 +499,7 @@ def _absolute_paths(base: dict, relative_to: Path) -> dict:
     base = copy.deepcopy(base)
     data = base.get("data")
     if isinstance(data, dict):
-        for key in ("root", "split_file", "cache_dir", "ood_root"):
+        for key in DATA_PATH_KEYS:
             value = data.get(key)
             if isinstance(value, str) and value and not os.path.isabs(value):
                 data[key] = str((relative_to / value).resolve())

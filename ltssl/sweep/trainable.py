@@ -52,13 +52,11 @@ from ray import tune
 
 from ltssl.config import load_config
 from ltssl.launch import JobCancelledError, JobFailedError, JobHandle, LaunchError, SlurmJob, submit
+from ltssl.launch.job import DEFAULT_TARGET
 from ltssl.launch.monitor import JobMonitor
 from ltssl.launch.slurm_state import Observation
 from ltssl.results import parse_json_lines
 from ltssl.sweep.ledger import DETACH_MARKER, Ledger, LedgerClaimError
-
-#: The trainer's default entry point (``ltssl.launch.submit``'s target).
-DEFAULT_TARGET = "ltssl.train:train"
 
 #: A step without a new metrics line returns a heartbeat after this long, so Tune can stop the
 #: trial (Ctrl-C) without waiting for a job that sits in Slurm's queue.
