@@ -267,6 +267,8 @@ class TrialJob:
         self.forget()
         if self.handle is None or (Path(self.ctx.output_dir) / DETACH_MARKER).exists():
             return  # the driver got SIGTERM: jobs keep running and a resumed sweep re-attaches
+        if self.handle.lost_reason is not None:
+            return  # slurmctld stayed unreachable: the job may still run, and --resume re-attaches to it
         try:
             if not self.handle.done():
                 self.handle.cancel()
