@@ -65,8 +65,8 @@ def _requeued_trial(tracker_for) -> list[dict]:
     return first + second
 
 
-def _trial_dir(tmp_path: Path) -> Path:
-    run_dir = tmp_path / "demo-20261130-000000" / "trials" / "t0003"
+def _trial_dir(tmp_path: Path, trial_id: str = "t0003") -> Path:
+    run_dir = tmp_path / "demo-20261130-000000" / "trials" / trial_id
     run_dir.mkdir(parents=True)
     return run_dir
 
@@ -273,6 +273,26 @@ def test_mlflow_runs_nested_under_the_sweeps_parent_with_params_stepped_metrics_
     assert trial.data.metrics["knn_acc"] == RESULT["knn_acc"] and trial.data.metrics["rho"] == 0.25
     assert trial.data.metrics["n_train"] == RESULT["n_train"]
     assert trial.data.tags["result.status"] == "completed" and trial.data.tags["result.trial_id"] == "t0003"
+
+
+def test_mlflow_sweep_end_closes_the_runs_of_cancelled_trials(tmp_path, monkeypatch):
+    """A trial stopped early has its job cancelled before it can close its run: the sweep's end does."""
+    finished, stopped = _trial_dir(tmp_path, "t0000"), _trial_dir(tmp_path, "t0001")
+    sweep_dir = finished.parents[1]
+    cfg = load_config(overrides=["tracking.mlflow=true", "tracking.tensorboard=false"])
+    sweep_parent(cfg, sweep_dir)
+    done = open_tracker(cfg, finished)
+    done.log({"epoch": 0, "step": 1, "loss": 1.0})
+    done.close(RESULT)
+    cancelled = open_tracker(cfg, stopped)
+    cancelled.log({"epoch": 0, "step": 1, "loss": 2.0})  # then the job is cancelled: no close()
+    end_sweep_parent(cfg, sweep_dir)
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=f"file:{sweep_dir / 'mlruns'}")
+    (experiment,) = [e for e in client.search_experiments() if e.name == "ltssl"]
+    status = {r.info.run_name: r.info.status for r in client.search_runs([experiment.experiment_id])}
+    assert status == {sweep_dir.name: "FINISHED", "t0000": "FINISHED", "t0001": "KILLED"}
 
 
 # ----------------------------------------------------------------------------- errors

@@ -91,10 +91,19 @@ def sweep_parent(cfg: Any, sweep_dir: str | os.PathLike, params: dict[str, Any] 
 
 
 def end_sweep_parent(cfg: Any, sweep_dir: str | os.PathLike, status: str = "FINISHED") -> None:
-    """Mark the sweep's parent run ended (``FINISHED``, ``FAILED`` or ``KILLED``); no-op without one."""
+    """Mark the sweep's parent run ended (``FINISHED``, ``FAILED`` or ``KILLED``); no-op without one.
+
+    A trial's job that was cancelled (stopped early by the scheduler) or killed never closes its
+    run; at the sweep's end such child runs still marked RUNNING are ended as KILLED."""
     known = _read(Path(sweep_dir) / PARENT_FILE)
-    if known.get("run_id"):
-        client_for(known["tracking_uri"]).set_terminated(known["run_id"], status)
+    if not known.get("run_id"):
+        return
+    client = client_for(known["tracking_uri"])
+    children = client.search_runs([known["experiment_id"]], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{known['run_id']}'", max_results=50000)
+    for child in children:
+        if child.info.status == "RUNNING":
+            client.set_terminated(child.info.run_id, "KILLED")
+    client.set_terminated(known["run_id"], status)
 
 
 class MlflowTracker(Tracker):
