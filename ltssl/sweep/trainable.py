@@ -57,10 +57,14 @@ from ltssl.launch.monitor import JobMonitor
 from ltssl.launch.slurm_state import Observation
 from ltssl.results import parse_json_lines
 from ltssl.sweep.ledger import DETACH_MARKER, Ledger, LedgerClaimError
+from ltssl.sweep.spec import ALIASES
 
 #: A step without a new metrics line returns a heartbeat after this long, so Tune can stop the
 #: trial (Ctrl-C) without waiting for a job that sits in Slurm's queue.
 HEARTBEAT_S = 10.0
+
+#: A swept key's name in the dashboard: the sweep file's alias (optimizer=rwsam, not name=rwsam).
+_SHORT_NAMES = {dotted: alias for alias, dotted in ALIASES.items()}
 
 #: Ray namespace of the sweeps' monitor actors (each named after its sweep).
 MONITOR_NAMESPACE = "ltssl-sweep"
@@ -301,9 +305,8 @@ class JobTrial(tune.Trainable):
     def __repr__(self) -> str:
         """The actor's name in Ray's dashboard ("Repr"): trial, group and swept parameters."""
         config = getattr(self, "config", None) or {}
-        params = {k: v for k, v in config.items() if k not in ("trial_key", "group")}
-        shown = " ".join(f"{k.split('.')[-1]}={v:.4g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
-                         for k, v in sorted(params.items()))
+        params = {_SHORT_NAMES.get(k, k): v for k, v in config.items() if k not in ("trial_key", "group")}
+        shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(params.items()))
         return f"JobTrial({config.get('trial_key', '?')} [{config.get('group', '?')}] {shown})".replace(" )", ")")
 
     def reset_config(self, new_config: dict) -> bool:
