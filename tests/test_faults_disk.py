@@ -27,7 +27,7 @@ from ltssl.io import (
 )
 from ltssl.results import ResultsWriter, read_jsonl, read_results, write_parquet_atomic
 from ltssl.sweep.ledger import Ledger
-from ltssl.sweep.trainable import MetricsTail
+from ltssl.sweep.trial import MetricsTail
 from ltssl.train import MetricsLog
 
 FILLER = ".filler"

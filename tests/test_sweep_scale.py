@@ -1,5 +1,5 @@
 """A sweep at scale on the real local Slurm: one batched squeue per interval for all trials in flight,
-a failing squeue fails no trial, results.parquet is exact mid-sweep, actors are named by their trials.
+a failing squeue fails no trial, results.parquet is exact mid-sweep, the dashboard names the running trials.
 
 Slurm's client commands are counted through PATH wrappers (``squeue``/``sacct`` scripts that log each
 call, then run the real command, or exit 1 while a ``squeue.fail`` file exists). The trials' jobs run
@@ -119,13 +119,12 @@ def of_size(n: int, get):
     return check
 
 
-def live_actors(url: str) -> list[dict]:
-    """The live actors of the sweep's Ray, with details (``repr_name``), from Ray's state API through
-    the dashboard (``/api/v0/actors?detail=1``, what ``ray.util.state.list_actors(detail=True)``
-    asks), with the token the driver's Ray uses."""
+def dashboard_state(url: str, kind: str, state: str) -> list[dict]:
+    """Ray's state API through the dashboard (``/api/v0/<kind>?detail=1``, what ``ray.util.state``'s
+    ``list_<kind>(detail=True)`` asks) for the entries in ``state``, with the token the driver's Ray uses."""
     token = os.environ.get("RAY_AUTH_TOKEN") or Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").read_text()
-    query = "detail=1&limit=10000&filter_keys=state&filter_predicates=%3D&filter_values=ALIVE"
-    request = urllib.request.Request(f"{url}/api/v0/actors?{query}", headers={"Authorization": f"Bearer {token.strip()}"})
+    query = f"detail=1&limit=10000&filter_keys=state&filter_predicates=%3D&filter_values={state}"
+    request = urllib.request.Request(f"{url}/api/v0/{kind}?{query}", headers={"Authorization": f"Bearer {token.strip()}"})
     with urllib.request.urlopen(request, timeout=60) as answer:
         return json.loads(answer.read())["data"]["result"]["result"]
 
@@ -147,7 +146,7 @@ def in_tmp(monkeypatch, tmp_path):
 
 
 @pytest.mark.slurm
-def test_32_trials_in_flight_one_squeue_per_interval_exact_results_mid_sweep_named_actors(slurm_cluster, tmp_path):
+def test_32_trials_in_flight_one_squeue_per_interval_exact_results_mid_sweep_named_in_the_dashboard(slurm_cluster, tmp_path):
     import pandas as pd  # (deferred: the jobs import this module for hold() and need neither)
 
     bin_dir, calls_log = slurm_wrappers(tmp_path)
@@ -179,22 +178,20 @@ def test_32_trials_in_flight_one_squeue_per_interval_exact_results_mid_sweep_nam
         assert sorted(rows.column("trial_id").to_pylist()) == released
         assert set(rows.column("status").to_pylist()) == {"completed"}
         assert sorted(pd.read_parquet(out / "results.parquet")["trial_id"]) == released
-        # the actors of the 24 trials still running are named by their trials (class JobTrial, repr
-        # with trial id, group, parameters); the 8 ended trials' actors are gone
+        # the dashboard names the 24 trials still running (one placement group each, named by
+        # the trial's id, group and parameters, holding its sweep slot); the 8 ended trials' are gone;
+        # and the sweep starts no Ray worker process per trial (no live actor at all)
         url = re.search(r"dashboard (http://127\.0\.0\.1:\d+)", log.read_text())[1]
         running = {k for k, r in ledger_records(out).items() if r["status"] == "running"}
         assert len(running) == 24
 
-        def trial_actors() -> dict[str, str]:
-            actors = live_actors(url)
-            return {a["repr_name"]: a["class_name"] for a in actors if a["class_name"] == "JobTrial"}
+        def named_by_running_trials() -> list[str] | None:
+            names = [g["name"] for g in dashboard_state(url, "placement_groups", "CREATED")]
+            return names if {n.split()[0] for n in names} == running else None
 
-        def named_by_running_trials() -> dict[str, str] | None:
-            actors = trial_actors()
-            return actors if {r.split()[0][len("JobTrial("):] for r in actors} == running else None
-
-        named = wait_until(named_by_running_trials, 120, "one live JobTrial actor per running trial, named by it")
-        assert len(named) == 24 and all(re.fullmatch(r"JobTrial\(t\d{4} \[digits/r=10/lt/simsiam\] seed=\d+\)", r) for r in named), named
+        named = wait_until(named_by_running_trials, 120, "one placement group per running trial, named by it")
+        assert len(named) == 24 and all(re.fullmatch(r"t\d{4} \[digits/r=10/lt/simsiam\] seed=\d+", n) for n in named), named
+        assert dashboard_state(url, "actors", "ALIVE") == []
 
         (hold_dir / "go-all").touch()
         finish(driver, log)

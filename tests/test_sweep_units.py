@@ -14,7 +14,7 @@ from ltssl.sweep.ledger import Ledger
 from ltssl.sweep.scheduler import GroupedASHA
 from ltssl.sweep.searcher import SweepSearcher
 from ltssl.sweep.spec import load_sweep
-from ltssl.sweep.trainable import JobTrial
+from ltssl.sweep.trial import describe
 
 
 class FakeTrial:
@@ -153,10 +153,10 @@ def test_a_second_driver_on_the_same_sweep_is_refused(tmp_path):
             run_sweep(resume=True, output_dir=out)
 
 
-def test_trial_actor_repr_names_the_trial_and_its_parameters_as_the_sweep_file_does():
-    """Ray's dashboard shows this repr for the trial's actor: the sweep file's names (optimizer, rho)."""
-    actor = JobTrial.__new__(JobTrial)  # no Ray: only the repr is under test
-    actor.config = {"trial_key": "t0001", "group": "digits/r=10/lt/simsiam", "optim.name": "rwsam",
-                    "optim.rho": 0.52412, "data.imbalance_ratio": 10, "method.multiview.filter_quantile": 0.1}
-    assert repr(actor) == ("JobTrial(t0001 [digits/r=10/lt/simsiam] imbalance_ratio=10 "
-                           "method.multiview.filter_quantile=0.1 optimizer=rwsam rho=0.5241)")
+def test_trial_name_names_the_trial_and_its_parameters_as_the_sweep_file_does():
+    """The console and Ray's dashboard (the trial's placement group) show this name: the sweep file's
+    names (optimizer, rho), not the config's dotted keys."""
+    config = {"trial_key": "t0001", "group": "digits/r=10/lt/simsiam", "optim.name": "rwsam",
+              "optim.rho": 0.52412, "data.imbalance_ratio": 10, "method.multiview.filter_quantile": 0.1}
+    assert describe(config) == ("t0001 [digits/r=10/lt/simsiam] imbalance_ratio=10 "
+                                "method.multiview.filter_quantile=0.1 optimizer=rwsam rho=0.5241")

@@ -20,18 +20,14 @@ timeout, a non-zero exit) is transient: the observation says so (the handle keep
 saw), the failure is counted, and the next round comes after an exponential backoff. Nothing here
 raises because Slurm did not answer.
 
-:class:`JobMonitor` adds the jobs' files for a sweep: one asyncio loop looks at every trial's
-metrics and result file each ``poll_interval_s`` and wakes only the trials whose job changed
-(:mod:`ltssl.sweep.trainable` runs it as one Ray actor; this module imports neither Ray nor Tune,
-so that actor's process is small and starts fast).
+A sweep's driver owns one (:class:`ltssl.sweep.loop.SweepLoop`): it runs each round's query in a
+thread (:meth:`SlurmStateMonitor.due_ids`, then :meth:`SlurmStateMonitor.record`) and gives every
+trial's handle :meth:`SlurmStateMonitor.observation_for` as its state source.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
 import time
-import traceback
 from typing import Callable, Iterable
 
 from ltssl.launch.slurm_state import JobView, Observation, QueryError, observe
@@ -43,9 +39,6 @@ MIN_INTERVAL_S = 2.5
 MAX_INTERVAL_S = 30.0
 #: Longest wait after failed rounds (doubling from MIN_INTERVAL_S), seconds.
 BACKOFF_MAX_S = 60.0
-#: :class:`JobMonitor` drops a job it has not been asked about for this long, seconds (its trial
-#: ended without saying).
-MONITOR_EXPIRY_S = 120.0
 
 
 def _slice(answer, job_id: str):
@@ -182,112 +175,3 @@ class SlurmStateMonitor:
         else:
             self.failures += 1
             self._next_round = self._clock() + min(self.backoff_max_s, self.min_interval_s * 2 ** self.failures)
-
-
-# --------------------------------------------------------------------------- jobs and their files
-
-
-class _Watched:
-    """One trial's job as the monitor follows it: what to look at, and a version that moves on change."""
-
-    def __init__(self, job: dict):
-        self.job = job                 # {"job_id", "executor", "files": [paths]}
-        self.version = 0
-        self.seen: tuple = ()          # (size or mtime of each file, controller alive) last time
-        self.event = asyncio.Event()
-        self.last_wait = time.monotonic()
-
-    def look(self) -> tuple:
-        marks = []
-        for path in self.job["files"]:
-            try:
-                stat = os.stat(path)
-                marks.append((stat.st_size, stat.st_mtime_ns))
-            except OSError:
-                marks.append(None)
-        if self.job["executor"] == "local":  # the controller's pid (a killed job writes no file)
-            marks.append(os.path.exists(f"/proc/{self.job['job_id']}"))
-        return tuple(marks)
-
-    def bump(self) -> None:
-        self.version += 1
-        self.event.set()
-
-
-class JobMonitor:
-    """One watcher of many jobs and their files for a sweep (run as one async Ray actor by
-    :mod:`ltssl.sweep.trainable`; plain asyncio here, no Ray import).
-
-    Each job is registered by the first :meth:`wait` of its trial (``key``); its files (metrics,
-    result) are looked at every ``poll_interval_s``, its Slurm state comes from one batched
-    :class:`SlurmStateMonitor` round for all jobs. Trials call :meth:`wait` with their job and the version they last saw; it returns
-    ``(version, observation)`` as soon as the job changed (a new metrics line, a result file, a
-    Slurm state), or after ``timeout_s``. ``observation`` is the job's part of the last batched
-    Slurm query (None for local jobs and before the first round).
-    """
-
-    def __init__(self, poll_interval_s: float = 0.5):
-        self.poll_interval_s = poll_interval_s
-        self.slurm = SlurmStateMonitor()
-        self.entries: dict[str, _Watched] = {}
-        self._loop_task: asyncio.Task | None = None
-
-    async def wait(self, key: str, job: dict, version: int, timeout_s: float):
-        if self._loop_task is None:
-            self._loop_task = asyncio.get_running_loop().create_task(self._loop())
-        entry = self.entries.get(key)
-        if entry is None or entry.job["job_id"] != job["job_id"]:
-            entry = self.entries[key] = _Watched(job)
-            entry.seen = entry.look()
-            if job["executor"] == "slurm":
-                self.slurm.watch([job["job_id"]])
-        entry.last_wait = time.monotonic()
-        if entry.version == version:
-            entry.event.clear()
-            try:
-                await asyncio.wait_for(entry.event.wait(), timeout_s)
-            except asyncio.TimeoutError:
-                pass
-        return entry.version, self._observation(entry)
-
-    def _observation(self, entry: _Watched) -> Observation | None:
-        return self.slurm.observation_for(entry.job["job_id"]) if entry.job["executor"] == "slurm" else None
-
-    def forget(self, key: str) -> None:
-        entry = self.entries.pop(key, None)
-        if entry is not None and entry.job["executor"] == "slurm":
-            self.slurm.forget([entry.job["job_id"]])
-
-    def stats(self) -> dict:
-        """Counters for tests and benchmarks: rounds, Slurm calls, interval, failures, trials watched."""
-        return {"rounds": self.slurm.rounds, "calls": dict(self.slurm.calls), "interval_s": self.slurm.interval_s,
-                "failures": self.slurm.failures, "watched": len(self.entries), "pid": os.getpid()}
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_interval_s)
-            try:
-                await self._tick()
-            except Exception:  # pylint: disable=broad-except  # one bad look must not end the watching
-                traceback.print_exc()  # (into the actor's log under Ray's session folder)
-
-    async def _tick(self) -> None:
-        """Look at every trial's files; run a Slurm round when due; wake the trials whose job changed."""
-        now = time.monotonic()
-        for key, entry in list(self.entries.items()):
-            if now - entry.last_wait > MONITOR_EXPIRY_S:
-                self.forget(key)
-                continue
-            seen = entry.look()
-            if seen != entry.seen:
-                if entry.job["executor"] == "slurm" and seen[-1] != entry.seen[-1]:
-                    self.slurm.soon()  # a result file appeared: the job is ending, ask Slurm soon
-                entry.seen = seen
-                entry.bump()
-        ids = self.slurm.due_ids()
-        if ids is not None:
-            observation = await asyncio.to_thread(observe, ids)  # the loop keeps serving waits meanwhile
-            changed = set(self.slurm.record(ids, observation))
-            for entry in self.entries.values():
-                if entry.job["job_id"] in changed and entry.job["executor"] == "slurm":
-                    entry.bump()

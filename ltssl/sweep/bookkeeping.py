@@ -1,6 +1,6 @@
 """What the driver records as each trial ends: ledger status, the job's cancellation, the parquet files, the console.
 
-:class:`Bookkeeper` is called from the Tune callback (:mod:`ltssl.sweep.callback`), from a resumed
+:class:`Bookkeeper` is called from the driver's loop (:mod:`ltssl.sweep.loop`), from a resumed
 sweep's settling of what happened while no driver ran (:mod:`ltssl.sweep.resume`) and at the end.
 """
 
@@ -72,13 +72,18 @@ class Bookkeeper:
         with self._lock:
             return self.writer.write(self.ledger.all())
 
+    def started(self, key: str) -> None:
+        """Trial ``key`` is in flight (its job is being launched or followed)."""
+        if self.board is not None:
+            self.board.set_status(key, "running")
+
     def finish(self, key: str, status: str, error: str | None = None, cancel: bool = False) -> dict:
         """Record the end of trial ``key`` (a result status), cancel its job if asked; the record."""
         record = self.ledger.read(key)
         if status == "failed" and lost_job(record.get("error") or error):
             cancel = False  # its job may still run unseen: --resume re-attaches to it (resume.settle_unfinished)
         if cancel and record.get("run_dir"):
-            # Backstop to the trial's own cleanup(): off the Tune loop, it can take a second or two.
+            # Off the driver's loop: a cancel can take a second or two.
             self.cancels.append(self.pool.submit(cancel_job, record["run_dir"]))
         fields: dict[str, Any] = {"status": status}
         if error is not None and not record.get("error"):

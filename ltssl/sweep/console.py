@@ -30,7 +30,7 @@ def _fmt(value) -> str:
 
 
 class SweepBoard:
-    """Trial states and best results, updated by the driver's Tune callback, drawn by rich."""
+    """Trial states and best results, updated by the driver's loop, drawn by rich."""
 
     def __init__(self, name: str, output_dir: str, metric: str, mode: str, total: int,
                  console: Console | None = None, live: bool | None = None):

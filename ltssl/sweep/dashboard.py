@@ -17,18 +17,11 @@ def ray_tmpdir() -> str:
     return os.environ.get("RAY_TMPDIR") or f"/tmp/ltssl-ray-{os.getuid()}"
 
 
-def set_ray_environment(max_concurrent: int) -> str:
-    """Set what Ray and Tune read from the environment when they are imported; return Ray's temp folder.
+def set_ray_environment() -> str:
+    """Set what Ray reads from the environment when it is imported; return Ray's temp folder.
 
     Call before the first ``import ray``.
     """
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"   # step lines carry no knn_acc
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"    # our parquet files are the record
-    # Tune keeps one trial PENDING ahead with a custom searcher: a trial that ends before a new
-    # actor starts hands its actor to that one, and the sweep never runs more than one trial at
-    # a time. max_concurrent pending trials let every slot get an actor.
-    os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(max_concurrent)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ["RAY_TMPDIR"] = ray_tmpdir()
     Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)

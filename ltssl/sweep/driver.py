@@ -1,4 +1,4 @@
-"""The sweep driver: Ray Tune where the user types the command, one Slurm (or local) job per trial.
+"""The sweep driver: Ray Tune's searcher and ASHA where the user types the command, one Slurm (or local) job per trial.
 
 :func:`run_sweep` does, in order:
 
@@ -10,10 +10,10 @@
    token authentication when asked: :mod:`ltssl.sweep.dashboard`);
 3. create the output folder (``sweep.yaml``, ``sweep.json``, ``ledger/``, ``trials/``), or on
    ``resume`` read it back and settle what happened while no driver ran (:mod:`ltssl.sweep.resume`),
-   and run Tune (:mod:`ltssl.sweep.run`);
+   and run the driver's loop (:mod:`ltssl.sweep.run`, :mod:`ltssl.sweep.loop`): trials follow
+   their jobs from the driver itself, one batched Slurm query for all of them per interval;
 4. as each trial ends, write its status to the ledger, cancel its job if it still runs, and
-   rewrite ``results.parquet`` and ``metrics.parquet`` (:mod:`ltssl.sweep.callback`,
-   :mod:`ltssl.sweep.bookkeeping`);
+   add its rows to ``results.parquet`` and ``metrics.parquet`` (:mod:`ltssl.sweep.bookkeeping`);
 5. at the end print the results table (:mod:`ltssl.sweep.table`) and write the analysis report.
 
 Ctrl-C stops the sweep: running jobs are cancelled (they checkpoint on SIGTERM) and their trials
@@ -104,7 +104,7 @@ def run_sweep(
                 raise SweepError(f"--max-concurrent must be >= 1, got {max_concurrent}")
             run.spec.max_concurrent = max_concurrent
         checker = _start_checks(run, prepare)
-        set_ray_environment(run.spec.max_concurrent)
+        set_ray_environment()
         # Deferred on purpose: Ray and Tune read the environment set just above when they are
         # imported, and importing this module must not import Ray (see the module docstring).
         from ltssl.sweep import run as tune_run

@@ -1,8 +1,7 @@
 """The sweep's own record of its trials: one small JSON file per trial, written atomically.
 
-Ray Tune's experiment snapshot is not enough to resume a sweep that drives Slurm jobs (it may
-predate the last finished trials, and it restarts running trials from scratch with new jobs), so
-the sweep keeps ``<output-dir>/ledger/<trial_id>.json``::
+A sweep that drives Slurm jobs for days must resume from exactly what happened (a finished trial
+never runs again, a running job is re-attached to, not restarted from scratch), so the sweep keeps ``<output-dir>/ledger/<trial_id>.json``::
 
     {"trial_id": "t0003", "status": "running", "params": {"optim.rho": 0.52, ...},
      "config": {...resolved training config...}, "group": "digits/r=10/lt/simsiam",
@@ -13,7 +12,7 @@ the sweep keeps ``<output-dir>/ledger/<trial_id>.json``::
 Status moves ``pending -> submitting -> running -> completed | stopped_early | failed |
 cancelled``. ``submitting`` is written before a job is submitted and ``running`` (with the job
 id) right after, so a driver killed in between still finds the job through ``run_dir/job.json``.
-Writers (the driver and the trial actors, separate processes) take a per-trial ``flock``.
+Writers (the driver's loop and its launch threads; a second driver, refused) take a per-trial ``flock``.
 """
 
 from __future__ import annotations
@@ -104,7 +103,7 @@ class Ledger:
             return record
 
     def mark(self, trial_id: str, event: str) -> None:
-        """Add a timestamped event that is not a status (e.g. "started": Tune gave it an actor)."""
+        """Add a timestamped event that is not a status (e.g. "started": the driver gave it a slot)."""
         with self._locked(trial_id):
             record = self.read(trial_id)
             record.setdefault("history", []).append([event, time.time()])
@@ -114,8 +113,8 @@ class Ledger:
         """Make ``owner`` (``{"pid", "host"}``) the one process that drives this trial's job.
 
         Raises :class:`LedgerClaimError` when another live process on this host holds it: two
-        actors must never submit for one trial. A claim of a dead process (a killed driver's
-        actor) is taken over.
+        drivers must never submit for one trial. A claim of a dead process (a killed driver) is
+        taken over.
         """
         with self._locked(trial_id):
             record = self.read(trial_id)

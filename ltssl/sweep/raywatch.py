@@ -2,12 +2,11 @@
 
 If either dies under a running sweep (killed by an administrator, the OOM killer, a login-node
 clean-up), nothing of the sweep is lost: its Slurm jobs run on, and ``--resume`` re-attaches to
-them. What must not happen is what Ray does by itself: with the raylet gone Tune reports every
-running trial as failed (and the driver would cancel their jobs), and with the GCS gone the
-driver blocks, then Ray's core worker ends the process with its own error once its GCS
-reconnection timeout runs out. So the driver watches both processes: on a loss it marks the
-sweep detached (trial actors that still run leave their jobs alone), stops Tune, records nothing
-more, and exits with one line (:data:`RAY_LOST_EXIT`).
+them. What must not happen is what Ray does by itself: with the GCS gone the driver
+blocks in its next Ray call (a trial's placement group), then Ray's core worker ends the process
+with its own error once its GCS reconnection timeout runs out. So the driver watches both
+processes: on a loss it marks the sweep detached (no job is cancelled), stops its loop, records
+nothing more, and exits with one line (:data:`RAY_LOST_EXIT`).
 """
 
 from __future__ import annotations
@@ -68,8 +67,8 @@ class RayWatch:
         self._thread = threading.Thread(target=self._loop, name="ray-watch", daemon=True)
 
     def check(self) -> str | None:
-        """The loss, if a watched process has exited (also called by the Tune callback before it
-        records a trial's error: with the raylet gone every trial errors at once)."""
+        """The loss, if a watched process has exited (also called by the driver's loop before
+        each Ray call and before it records a trial's error)."""
         if self.lost is None:
             for name, proc in self.processes.items():
                 code = proc.poll()
@@ -89,7 +88,7 @@ class RayWatch:
     def _loop(self) -> None:
         while not self._stop.wait(self.poll_s):
             if self.check():
-                # Stop Tune through the driver's SIGTERM handler (run.fit): it raises in the main
+                # Stop the loop through the driver's SIGTERM handler (run.fit): it raises in the main
                 # thread, which may be waiting on the dead GCS.
                 _thread.interrupt_main(signal.SIGTERM)
                 return

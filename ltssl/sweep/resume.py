@@ -13,7 +13,7 @@ from __future__ import annotations
 from ltssl.launch.slurm_state import lost_job
 from ltssl.results import RESULT_STATUSES
 from ltssl.sweep.bookkeeping import Bookkeeper
-from ltssl.sweep.trainable import reconcile
+from ltssl.sweep.trial import reconcile
 
 
 def settle_unfinished(book: Bookkeeper, scheduler) -> dict[str, int]:

@@ -1,12 +1,12 @@
-"""The Tune run of a sweep: Ray started on the login node, the Tuner, Ctrl-C and SIGTERM, and the end.
+"""The run of a sweep: Ray started on the login node, the driver's loop, Ctrl-C and SIGTERM, and the end.
 
 :func:`start_ray` starts a local Ray (the dashboard on 127.0.0.1 when asked); :func:`run_tune`
-then writes the sweep folder, settles a resumed sweep, runs Tune
-(:class:`~ltssl.sweep.searcher.SweepSearcher` hands out trials,
-:class:`~ltssl.sweep.scheduler.GroupedASHA` stops weak ones within their group,
-:class:`~ltssl.sweep.trainable.JobTrial` runs each as a job, :class:`~ltssl.sweep.callback.SweepCallback`
-records their ends) and finishes: remaining jobs cancelled (or left running after SIGTERM), the
-parquet files, the results table and the report.
+then writes the sweep folder, settles a resumed sweep and runs the driver's loop
+(:class:`~ltssl.sweep.loop.SweepLoop`: :class:`~ltssl.sweep.searcher.SweepSearcher` hands out
+trials, :class:`~ltssl.sweep.scheduler.GroupedASHA` stops weak ones within their group, both
+through Ray Tune's Searcher and TrialScheduler APIs; each trial is a job followed from the driver,
+its end recorded by :class:`~ltssl.sweep.bookkeeping.Bookkeeper`) and finishes: remaining jobs
+cancelled (or left running after SIGTERM), the parquet files, the results table and the report.
 
 This module imports Ray: :func:`ltssl.sweep.driver.run_sweep` imports it once Ray's environment
 is set (:func:`ltssl.sweep.dashboard.set_ray_environment`).
@@ -21,14 +21,12 @@ import threading
 import time
 
 import ray
-from ray import tune
 from ray.job_config import JobConfig
 
 from ltssl.config import load_config
 from ltssl.report import analyze
 from ltssl.tracking import end_sweep_parent, sweep_parent
 from ltssl.sweep.bookkeeping import Bookkeeper
-from ltssl.sweep.callback import SweepCallback
 from ltssl.sweep.console import SweepBoard
 from ltssl.sweep.dashboard import print_dashboard
 from ltssl.sweep.folder import prepare_folder
@@ -37,13 +35,9 @@ from ltssl.sweep.resume import report_resume, show_finished
 from ltssl.sweep.raywatch import RayWatch
 from ltssl.sweep.scheduler import GroupedASHA
 from ltssl.sweep.searcher import SweepSearcher
+from ltssl.sweep.loop import TRIAL_SLOT, SweepLoop
 from ltssl.sweep.session import SweepOutcome, SweepRun
 from ltssl.sweep.table import print_results
-from ltssl.sweep.trainable import TrialContext, trial_class
-
-#: Ray resource that bounds the trials running at once (one per trial, max_concurrent in all).
-TRIAL_SLOT = "sweep_trial_slot"
-
 
 def start_ray(run: SweepRun) -> None:
     """A local Ray for this driver: logical CPUs only, a small object store, max_concurrent trial slots."""
@@ -57,9 +51,9 @@ def start_ray(run: SweepRun) -> None:
         # ("job_name" is the metadata key Ray's own job submission uses for a job's name).
         job_config=JobConfig(metadata=job_metadata(run)),
         namespace=f"ltssl-sweep-{run.sweep_id}",
-        # Logical CPUs only (trials ask for 0.01): enough for Ray to start max_concurrent
-        # trial processes in parallel, never one per core of a big shared login node.
-        num_cpus=min(os.cpu_count() or 2, max(2, run.spec.max_concurrent)),
+        # No CPU: nothing runs in a Ray worker (trials are followed by the driver itself), and with
+        # CPUs Ray would start idle worker processes for them on the login node.
+        num_cpus=0,
         include_dashboard=run.dashboard_port is not None,
         dashboard_host="127.0.0.1",
         dashboard_port=run.dashboard_port,
@@ -67,9 +61,8 @@ def start_ray(run: SweepRun) -> None:
         log_to_driver=False,
         _temp_dir=os.environ["RAY_TMPDIR"],
         object_store_memory=100 * 2**20,
-        # max_concurrent is a resource (each trial holds one slot), not Tune's concurrency
-        # limit: with the limit Tune creates the next trial only once one has ended, so
-        # the ended trial's actor is never cached and every trial starts a new process.
+        # Each trial in flight holds one slot in a placement group named after it: the dashboard
+        # shows the slots in use and the trials by name (ltssl.sweep.loop).
         resources={TRIAL_SLOT: run.spec.max_concurrent},
     )
 
@@ -105,44 +98,18 @@ def print_header(run: SweepRun) -> str | None:
     return print_dashboard(console, run.dashboard_port) if run.dashboard_port is not None else None
 
 
-def make_tuner(run: SweepRun, searcher: SweepSearcher, scheduler, book: Bookkeeper, num_samples: int,
-               watch: RayWatch) -> tune.Tuner:
-    ctx = TrialContext(output_dir=str(run.output_dir), sweep_id=run.sweep_id, target=run.target,
-                       target_kwargs=dict(run.target_kwargs or {}), poll_interval_s=run.spec.poll_interval_s)
-    # Near-zero CPU: a trial only waits on its job. One slot of max_concurrent. The class keeps the
-    # name JobTrial in Ray's dashboard (tune.with_resources would rename it ResourceTrainable).
-    trainable = trial_class(ctx, {"cpu": 0.01, TRIAL_SLOT: 1})
-    return tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(
-            search_alg=searcher,
-            scheduler=scheduler,
-            num_samples=num_samples,
-            # One actor per trial: Ray's dashboard shows an actor's repr (its trial, group and
-            # parameters) as taken when the actor starts, so a reused actor would go on naming its
-            # first trial. Stopped trials' jobs are cancelled by the driver's on_trial_complete
-            # (and by cleanup in the actor as a backstop).
-            reuse_actors=False,
-            trial_name_creator=lambda t: t.config["trial_key"],
-            trial_dirname_creator=lambda t: t.config["trial_key"],
-        ),
-        run_config=tune.RunConfig(
-            name=f"run-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=str(run.output_dir / "tune"),
-            verbose=0,
-            callbacks=[SweepCallback(book, scheduler, ray_lost=watch.check)],
-            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-            checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
-        ),
-    )
+def make_loop(run: SweepRun, searcher: SweepSearcher, scheduler, book: Bookkeeper, watch: RayWatch) -> SweepLoop:
+    return SweepLoop(book, searcher, scheduler, max_concurrent=run.spec.max_concurrent,
+                     poll_interval_s=run.spec.poll_interval_s, target=run.target,
+                     target_kwargs=dict(run.target_kwargs or {}), ray_lost=watch.check)
 
 
-def fit(tuner: tune.Tuner, run: SweepRun, book: Bookkeeper) -> str | None:
-    """Run Tune until every trial is over; None, or how the driver was stopped.
+def fit(loop: SweepLoop, run: SweepRun, book: Bookkeeper) -> str | None:
+    """Run the loop until every trial is over; None, or how the driver was stopped.
 
     Ctrl-C: "cancelled" (the jobs are cancelled afterwards). SIGTERM (a login node shutting down,
-    or :class:`RayWatch` on a lost GCS or raylet): "detached": the marker tells the trials'
-    cleanup() to leave their jobs running.
+    or :class:`RayWatch` on a lost GCS or raylet): "detached": the jobs are left running, and the
+    marker tells a resumed sweep why.
     """
     detached = threading.Event()
 
@@ -152,13 +119,10 @@ def fit(tuner: tune.Tuner, run: SweepRun, book: Bookkeeper) -> str | None:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_sigterm) if threading.current_thread() is threading.main_thread() else None
-    # Tune logs every failed trial and a summary at ERROR level; the board reports them.
-    for name in ("ray.tune", "ray.train", "ray.air"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
     interrupted = None
     book.board.start()
     try:
-        tuner.fit()
+        loop.run()
     except KeyboardInterrupt:
         interrupted = "cancelled"
     finally:
@@ -167,9 +131,6 @@ def fit(tuner: tune.Tuner, run: SweepRun, book: Bookkeeper) -> str | None:
             signal.signal(signal.SIGTERM, previous)
     if detached.is_set():
         return "detached"
-    # Tune's own SIGINT handler ends fit() without raising: trials it stopped are unfinished.
-    if interrupted is None and any(r["status"] in ("submitting", "running") for r in book.ledger.all()):
-        interrupted = "cancelled"
     return interrupted
 
 
@@ -193,7 +154,7 @@ def close_tracking_parent(cfg, run: SweepRun, outcome: SweepOutcome) -> None:
 
 
 def finish(run: SweepRun, book: Bookkeeper, outcome: SweepOutcome) -> SweepOutcome:
-    """After Tune: cancel what still runs (unless detached), write the files, print the table, the report."""
+    """After the loop: cancel what still runs (unless detached), write the files, print the table, the report."""
     console, output_dir = run.console, run.output_dir
     if outcome.interrupted == "ray_lost":
         pass  # the jobs run on; RayWatch.abandon says so
@@ -240,7 +201,7 @@ def run_tune(run: SweepRun) -> SweepOutcome:
     watch = RayWatch(run.output_dir)
     watch.start()
     try:
-        outcome.interrupted = fit(make_tuner(run, searcher, scheduler, book, remaining, watch), run, book)
+        outcome.interrupted = fit(make_loop(run, searcher, scheduler, book, watch), run, book)
         if watch.check():
             outcome.interrupted = "ray_lost"
         finish(run, book, outcome)

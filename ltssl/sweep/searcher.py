@@ -1,6 +1,6 @@
 """Which trial runs next: the sweep's plan (random/grid) or Optuna TPE, through Ray Tune's Searcher API.
 
-Every trial is created in the ledger here, in the driver, before its actor starts, with a stable
+Every trial is created in the ledger here, in the driver, before its job starts, with a stable
 id (``t0000``, ``t0001``, ...) and its resolved config, so a resumed sweep knows each trial
 without Tune's snapshot.
 
@@ -65,7 +65,7 @@ class SweepSearcher(Searcher):
         self.output_dir = Path(output_dir)
         self.partition = partition
         self.ledger = Ledger(output_dir)
-        self.live: dict[str, str] = {}            # Tune trial id -> trial key
+        self.live: dict[str, str] = {}            # the loop's trial id -> trial key
         self.records = {r["trial_id"]: r for r in self.ledger.all()}
         # Unfinished trials of an earlier run go first, on their own run_dir.
         self.queue: list[str] = [k for k, r in sorted(self.records.items()) if r["status"] not in FINISHED]
@@ -79,8 +79,8 @@ class SweepSearcher(Searcher):
             self._rebuild_studies()
 
     def __getstate__(self) -> dict:
-        # Tune pickles the searcher for Tuner.restore, which this sweep does not use: the ledger
-        # is the record, and Optuna's in-memory studies (locks) are rebuilt from it on resume.
+        # A pickled searcher (Tune's own controller saves it) keeps no study: the ledger is the
+        # record, and Optuna's in-memory studies (locks) are rebuilt from it on resume.
         state = dict(self.__dict__)
         state["studies"], state["asked"], state["pending_tells"] = {}, {}, []
         return state
@@ -168,7 +168,7 @@ class SweepSearcher(Searcher):
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
         key = self.live.pop(trial_id, None)
         if key is not None and self.tpe:
-            # Tune calls the searcher before the driver's callback writes the trial's final status
+            # The searcher hears of a trial's end before the driver writes its final status
             # and metric to the ledger: tell the study at the next suggestion.
             self.pending_tells.append(key)
 
