@@ -84,6 +84,8 @@ def test_local_failure_surfaces_remote_traceback(tmp_path):
         handle.result(timeout=60)
     text = str(info.value)
     assert "Traceback" in text and "ValueError: toy failure at step 3 on rank 0" in text
+    # the one-line summary first (what failed), then the remote traceback
+    assert text.splitlines()[0] == f"job {handle.job_id} failed (task 0): ValueError: toy failure at step 3 on rank 0"
     assert "toy.py" in info.value.remote_traceback
     assert handle.state == "FAILED"
 
@@ -93,7 +95,7 @@ def test_local_ddp_failure_of_rank1_surfaces_its_traceback(tmp_path):
     with pytest.raises(JobFailedError) as info:
         handle.result(timeout=120)
     # rank 0 fails next (its peer is gone): the error shown is rank 1's, the cause
-    assert info.value.summary.startswith(f"job {handle.job_id} failed (task 1")
+    assert info.value.summary == f"job {handle.job_id} failed (task 1): ValueError: toy failure at step 3 on rank 1"
     assert "ValueError: toy failure at step 3 on rank 1" in info.value.remote_traceback
 
 

@@ -191,6 +191,7 @@ def test_failing_job_surfaces_remote_traceback(slurm_cluster, tmp_path):
         handle.result(timeout=120)
     MEASURED["slurm_failure_to_error_s"] = time.monotonic() - started
     assert "ValueError: toy failure at step 3 on rank 1" in str(info.value)
+    assert str(info.value).splitlines()[0] == f"job {handle.job_id} failed (task 1): ValueError: toy failure at step 3 on rank 1"
     assert "Traceback" in info.value.remote_traceback and "toy.py" in info.value.remote_traceback
     assert handle.state == "FAILED"
 
