@@ -292,6 +292,9 @@ def test_slurmdbd_down_while_the_jobs_end_nothing_fails_for_lack_of_accounting(n
     assert error.splitlines()[0].startswith(f"job {jobs['t0002']} failed"), error
     assert error.splitlines()[0].endswith(f"ValueError: stand-in failure at epoch 1 (rho {FAIL_RHO})"), error
     assert "Traceback" in error
+    # the console's line of the failed trial shows that summary, not the traceback
+    assert any("t0002 failed" in line and "ValueError: stand-in failure" in line
+               for line in driver.log.read_text().splitlines()), driver.log.read_text()
     assert every_trial_once(sweep, ["t0000", "t0001", "t0002"]) == {k: [j] for k, j in jobs.items()}
     # accounting back: the ends that happened without it are recorded
     expected = {jobs["t0000"]: "COMPLETED", jobs["t0001"]: "COMPLETED", jobs["t0002"]: "FAILED"}
@@ -311,6 +314,8 @@ def test_a_trial_whose_job_exceeds_its_memory_fails_with_out_of_memory_and_the_o
     first = error.splitlines()[0]
     assert first.startswith(f"job {df.loc['t0001', 'slurm_job_id']} ended OUT_OF_MEMORY ("), error
     assert "exceeded memory limit" in first and "raise launch.mem_gb" in first, error
+    assert any("t0001 failed" in line and "ended OUT_OF_MEMORY" in line
+               for line in driver.log.read_text().splitlines()), driver.log.read_text()  # the console says so too
     others = df.loc[["t0000", "t0002"]]
     assert others["error"].isna().all() and (others["epochs_run"] == EPOCHS).all() and others["knn_acc"].notna().all()
     every_trial_once(sweep, ["t0000", "t0001", "t0002"], untrained=("t0001",))
