@@ -160,3 +160,21 @@ def test_trial_name_names_the_trial_and_its_parameters_as_the_sweep_file_does():
               "optim.rho": 0.52412, "data.imbalance_ratio": 10, "method.multiview.filter_quantile": 0.1}
     assert describe(config) == ("t0001 [digits/r=10/lt/simsiam] imbalance_ratio=10 "
                                 "method.multiview.filter_quantile=0.1 optimizer=rwsam rho=0.5241")
+
+
+def test_ray_that_does_not_start_is_one_line_after_a_second_try(monkeypatch):
+    """Ray's own start-up wait is fixed (30 s); a loaded login node can miss it: one retry, then one line."""
+    from ltssl.sweep import run as tune_run
+
+    tries = []
+
+    def timed_out(run):
+        tries.append(run)
+        raise Exception("The current node timed out during startup. This could happen because some of the raylet failed to startup.\nmore")
+
+    monkeypatch.setattr(tune_run, "_init_ray", timed_out)
+    with pytest.raises(SweepError) as err:
+        tune_run.start_ray("the run")
+    assert len(tries) == 2
+    assert "\n" not in str(err.value)
+    assert str(err.value).startswith("Ray did not start on this machine (2 tries): The current node timed out during startup.")

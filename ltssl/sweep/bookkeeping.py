@@ -110,7 +110,7 @@ class Bookkeeper:
         first_error = ""
         if status == "failed" and record.get("error"):
             lines = [ln for ln in str(record["error"]).splitlines() if ln.strip()]
-            first_error = f": {lines[0][:160]}" if lines else ""  # the error's one-line summary
+            first_error = f": {lines[0]}" if lines else ""  # the error's one-line summary, whole
         self.board.log(f"{time.strftime('%H:%M:%S')} {key} {status}{shown} [{record['group']}]{first_error}")
 
     def wait_cancels(self, timeout: float = 30.0) -> None:

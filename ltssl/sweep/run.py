@@ -38,9 +38,31 @@ from ltssl.sweep.searcher import SweepSearcher
 from ltssl.sweep.loop import TRIAL_SLOT, SweepLoop
 from ltssl.sweep.session import SweepOutcome, SweepRun
 from ltssl.sweep.table import print_results
+from ltssl.sweep.spec import SweepError
+
+#: Attempts at starting Ray: its start-up wait is fixed (30 s for the raylet to register with the
+#: GCS), which a loaded login node can miss once.
+RAY_START_ATTEMPTS = 2
+
 
 def start_ray(run: SweepRun) -> None:
-    """A local Ray for this driver: logical CPUs only, a small object store, max_concurrent trial slots."""
+    """A local Ray for this driver (no CPU, a small object store, max_concurrent trial slots).
+
+    Raises SweepError (one line) when Ray does not start, after :data:`RAY_START_ATTEMPTS` tries.
+    """
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        try:
+            _init_ray(run)
+            return
+        except Exception as error:  # noqa: BLE001  (Ray raises a bare Exception for its start-up timeout)
+            ray.shutdown()  # the processes of the failed start
+            if attempt == RAY_START_ATTEMPTS:
+                first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                raise SweepError(f"Ray did not start on this machine ({RAY_START_ATTEMPTS} tries): {first} "
+                                 "Nothing was submitted; run the command again when the machine is less loaded") from error
+
+
+def _init_ray(run: SweepRun) -> None:
     # Token authentication stays on: Ray turns it on for a new local cluster (when RAY_AUTH_MODE is
     # unset; setting the variable after Ray's import would not reach its C++ config) and warns
     # that it did: the console says it instead.
