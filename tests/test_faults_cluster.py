@@ -133,7 +133,7 @@ def test_slurmctld_killed_and_restarted_the_running_job_completes_and_its_handle
         wait_until(lambda: impatient.state and impatient.lost_reason, 120, "the impatient handle to give up", poll=1.0)
         assert step_lines(run_dir) < 480, "the job ended before the impatient handle could be checked"
         with pytest.raises(JobFailedError) as info:
-            impatient.result(timeout=60)
+            impatient.result(timeout=600)
         assert "\n" not in str(info.value) and "slurmctld has not answered" in str(info.value)
         assert "launch.controller_downtime_s=1" in str(info.value)
     assert handle.result(timeout=600)["value"] == toy.expected_value(480)
@@ -151,14 +151,14 @@ def test_accounting_down_states_come_from_squeue_and_an_ended_job_is_resolved_on
         assert ok.result(timeout=300)["value"] == toy.expected_value(6)  # squeue alone: the job's state is known
         wait_until(lambda: bad.state == "FAILED", 300, "squeue to show the failed job")
         with pytest.raises(JobFailedError, match="toy failure at step 2"):
-            bad.result(timeout=60)
+            bad.result(timeout=600)
         # once slurmctld has forgotten the job, only accounting can tell: unknown, never failed
         forgotten = SlurmJob(tmp_path / "bad", bad.job_id, submitted_at=bad.submitted_at, state_source=forgotten_by_slurmctld)
         assert forgotten.state == "UNKNOWN" and not forgotten.done() and forgotten.lost_reason is None
     wait_until(lambda: forgotten.state == "FAILED", 180, "accounting to record the failed job", poll=1.0)
     assert forgotten.done()
     with pytest.raises(JobFailedError, match="toy failure at step 2"):
-        forgotten.result(timeout=60)
+        forgotten.result(timeout=600)
 
 
 @pytest.mark.slurm

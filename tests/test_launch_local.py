@@ -54,7 +54,7 @@ def metrics_lines(run_dir: Path) -> int:
 
 def test_local_job_returns_result_and_records_the_run(tmp_path):
     handle = submit(local_cfg(), tmp_path / "run", target=TOY, target_kwargs={"steps": 10})
-    result = handle.result(timeout=60)
+    result = handle.result(timeout=600)
     assert result["value"] == toy.expected_value(10)
     assert handle.state == "COMPLETED" and handle.done()
     run_dir = tmp_path / "run"
@@ -73,7 +73,7 @@ def test_local_job_returns_result_and_records_the_run(tmp_path):
 
 def test_local_ddp_two_tasks_returns_rank0_result(tmp_path):
     handle = submit(local_cfg(tasks_per_node=2), tmp_path / "run", target=TOY, target_kwargs={"steps": 6})
-    result = handle.result(timeout=120)
+    result = handle.result(timeout=600)
     assert result["rank"] == 0 and result["world_size"] == 2
     assert result["value"] == toy.expected_value(6, world_size=2)
 
@@ -81,7 +81,7 @@ def test_local_ddp_two_tasks_returns_rank0_result(tmp_path):
 def test_local_failure_surfaces_remote_traceback(tmp_path):
     handle = submit(local_cfg(), tmp_path / "run", target=TOY, target_kwargs={"steps": 10, "fail_at_step": 3})
     with pytest.raises(JobFailedError) as info:
-        handle.result(timeout=60)
+        handle.result(timeout=600)
     text = str(info.value)
     assert "Traceback" in text and "ValueError: toy failure at step 3 on rank 0" in text
     # the one-line summary first (what failed), then the remote traceback
@@ -93,7 +93,7 @@ def test_local_failure_surfaces_remote_traceback(tmp_path):
 def test_local_ddp_failure_of_rank1_surfaces_its_traceback(tmp_path):
     handle = submit(local_cfg(tasks_per_node=2), tmp_path / "run", target=TOY, target_kwargs={"steps": 50, "fail_at_step": 3, "fail_rank": 1})
     with pytest.raises(JobFailedError) as info:
-        handle.result(timeout=120)
+        handle.result(timeout=600)
     # rank 0 fails next (its peer is gone): the error shown is rank 1's, the cause
     assert info.value.summary == f"job {handle.job_id} failed (task 1): ValueError: toy failure at step 3 on rank 1"
     assert "ValueError: toy failure at step 3 on rank 1" in info.value.remote_traceback
@@ -136,7 +136,7 @@ def test_local_cancel_ends_the_job_and_leaves_no_process(tmp_path):
     handle.cancel()
     assert handle.state == "CANCELLED"
     with pytest.raises(JobCancelledError, match=f"job {handle.job_id} was cancelled"):
-        handle.result(timeout=60)
+        handle.result(timeout=600)
     assert not process_group_alive(int(handle.job_id)) and pids_alive(run_dir) == []
     # rank 0 saved a checkpoint on the way out (SIGTERM)
     assert (run_dir / "checkpoints" / "last.json").is_file()
@@ -167,7 +167,7 @@ def test_local_cancel_from_a_process_that_blocks_sigint(tmp_path):
             time.sleep(0.05)
         h.cancel()
         try:
-            h.result(timeout=60)
+            h.result(timeout=600)
         except JobCancelledError as e:
             print(json.dumps({{"error": str(e), "job_id": h.job_id}}))
         """
@@ -291,7 +291,7 @@ def test_local_cancel_from_inside_a_ray_worker(tmp_path):
                 time.sleep(0.05)
             h.cancel()
             try:
-                h.result(timeout=60)
+                h.result(timeout=600)
                 error = None
             except JobCancelledError as e:
                 error = str(e)
@@ -314,7 +314,7 @@ def test_local_cancel_from_inside_a_ray_worker(tmp_path):
 
 def test_cancel_after_completion_keeps_the_result(tmp_path):
     handle = submit(local_cfg(), tmp_path / "run", target=TOY, target_kwargs={"steps": 3})
-    result = handle.result(timeout=60)
+    result = handle.result(timeout=600)
     handle.cancel()  # too late: a no-op
     assert handle.state == "COMPLETED" and handle.result() == result
     assert "cancelled" not in json.loads((tmp_path / "run" / "job.json").read_text())
@@ -332,7 +332,7 @@ def test_a_job_whose_controller_was_killed_runs_on_and_a_reattached_handle_waits
     assert pids_alive(run_dir), "the premise: the task outlives its controller"
     attached = JobHandle.attach(run_dir)
     assert attached.state == "RUNNING" and not attached.done()
-    assert attached.result(timeout=120)["value"] == toy.expected_value(60)
+    assert attached.result(timeout=600)["value"] == toy.expected_value(60)
     assert attached.state == "COMPLETED" and handle.result(timeout=5)["value"] == toy.expected_value(60)
 
 

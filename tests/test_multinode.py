@@ -306,7 +306,7 @@ def test_node_crash_requeues_and_resumes_from_checkpoint(ddp_run, data_cache, tm
         netns("start", "n2")  # the machine is back: slurmd registers and the node returns to service
     # While the job is requeued, done() stays False although rank 0 may have left an error result.
     wait_until(handle.done, JOB_TIMEOUT_S, "the requeued job to finish", poll=0.2)
-    result = handle.result(timeout=60)
+    result = handle.result(timeout=600)
 
     record = json.loads((run_dir / "job.json").read_text())
     restarts = [attempt["restart"] for attempt in record["attempts"]]
@@ -343,7 +343,7 @@ def test_node_crash_without_requeue_fails_the_job(cluster, data_cache, tmp_path)
     try:
         slurm("scontrol", "update", "nodename=n2", "state=down", "reason=test: node crash")
         with pytest.raises(JobFailedError):
-            handle.result(timeout=120)
+            handle.result(timeout=600)
         wait_until(lambda: squeue_state(handle.job_id) in ("NODE_FAIL", "FAILED", "GONE"), 60, "Slurm to record the node failure")
         assert squeue_state(handle.job_id) in ("NODE_FAIL", "FAILED", "GONE")
     finally:
