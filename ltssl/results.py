@@ -18,10 +18,13 @@ rows. Accuracies are fractions in [0, 1]. The parquet key-value metadata holds `
 ``metric`` and ``mode`` of the sweep (the analysis reads them).
 
 Cost per finished trial is flat (:meth:`ResultsWriter.add`): a trial's rows are built once, from
-its own files, and kept as Arrow tables; results.parquet is then re-encoded from those tables in
-C++ (no Python work per earlier trial), and metrics.parquet, which grows with every line of every
-trial, is rewritten only when the time since its last rewrite is at least
-:data:`METRICS_REWRITE_RATIO` times what that rewrite took (and always by :meth:`ResultsWriter.write`).
+its own files, and kept as Arrow tables; results.parquet is re-encoded from those tables in C++
+(no Python work per earlier trial), and both files are rewritten only when due: metrics.parquet,
+which grows with every line of every trial, when the time since its last rewrite is at least
+:data:`METRICS_REWRITE_RATIO` times what that rewrite took; results.parquet at once, or (a sweep's
+driver: ``results_interval_s``) at most once per that many seconds, so a burst of trial ends
+costs one rewrite, not one per trial (:meth:`ResultsWriter.flush`). :meth:`ResultsWriter.write`
+rewrites both always.
 
 Importing this module is cheap: pyarrow (about 100 MB of a process) is imported on first use of
 a schema, a table or a file, because the sweep ledger and the trial actors import
@@ -360,12 +363,16 @@ class ResultsWriter:
     again only when its ledger record or its metrics file changed, so the cost of one more
     finished trial does not grow with the trials before it (see the module docstring).
 
-    * :meth:`add` (a trial has just ended): that trial's rows, results.parquet rewritten, and
-      metrics.parquet when its rewrite is due (:data:`METRICS_REWRITE_RATIO`);
+    * :meth:`add` (a trial has just ended): that trial's rows, then :meth:`flush`;
+    * :meth:`flush`: results.parquet rewritten if rows changed and ``results_interval_s`` seconds
+      have passed since its last rewrite, metrics.parquet when its rewrite is due
+      (:data:`METRICS_REWRITE_RATIO`); call it again later (a sweep's loop does, every look) so
+      the last changes reach the files;
     * :meth:`write` (sweep start and end, a resume): every record, both files rewritten.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, sweep_id: str, metric: str = "", mode: str = ""):
+    def __init__(self, output_dir: str | os.PathLike, sweep_id: str, metric: str = "", mode: str = "",
+                 results_interval_s: float = 0.0):
         self.output_dir = Path(output_dir)
         self.sweep_id = sweep_id
         self.metric = metric
@@ -373,6 +380,10 @@ class ResultsWriter:
         self._rows: dict[str, tuple[tuple, Any]] = {}      # trial_id -> (record key, 1-row results table)
         self._metrics: dict[str, tuple[tuple, Any]] = {}   # trial_id -> (metrics.jsonl stat, metrics table)
         self._results_table = None                          # combined results, rebuilt when a row changes
+        self.results_interval_s = results_interval_s
+        self._results_dirty = False                          # rows changed since results.parquet was written
+        self._metrics_dirty = False                          # the same for metrics.parquet
+        self._results_written = -float("inf")                # monotonic time of its last rewrite
         self._metrics_due = 0.0                             # monotonic time from which a metrics rewrite is due
 
     def _trial_metrics(self, record: dict) -> tuple[list[dict] | None, Any]:
@@ -428,16 +439,29 @@ class ResultsWriter:
         tables = [self._metrics[k][1] for k in sorted(self._metrics)]
         path = write_parquet_atomic(_concat_metrics(tables, self.sweep_id), self.output_dir / METRICS_FILE)
         self._metrics_due = time.monotonic() + METRICS_REWRITE_RATIO * (time.monotonic() - started)
+        self._metrics_dirty = False
         return path
 
     def add(self, record: dict) -> tuple[Path, Path]:
-        """One trial's record after it ended (or changed): its rows, then the files (see the class)."""
+        """One trial's record after it ended (or changed): its rows, then :meth:`flush`."""
         self._update(record)
-        results = write_parquet_atomic(self._results(), self.output_dir / RESULTS_FILE)
+        self._results_dirty = self._metrics_dirty = True
+        return self.flush()
+
+    def flush(self) -> tuple[Path, Path]:
+        """Rewrite what is due (see the class); the two files' paths."""
+        results = self.output_dir / RESULTS_FILE
+        if self._results_dirty and time.monotonic() >= self._results_written + self.results_interval_s:
+            results = self._write_results()
         metrics = self.output_dir / METRICS_FILE
-        if time.monotonic() >= self._metrics_due or not metrics.is_file():
+        if self._metrics_dirty and (time.monotonic() >= self._metrics_due or not metrics.is_file()):
             metrics = self._write_metrics()
         return results, metrics
+
+    def _write_results(self) -> Path:
+        path = write_parquet_atomic(self._results(), self.output_dir / RESULTS_FILE)
+        self._results_dirty, self._results_written = False, time.monotonic()
+        return path
 
     def write(self, records: list[dict]) -> tuple[Path, Path]:
         """Both files from every ledger record; results rows only for trials that are over, metrics
@@ -451,8 +475,7 @@ class ResultsWriter:
             del self._metrics[trial_id]
         for record in records:
             self._update(record)
-        results = write_parquet_atomic(self._results(), self.output_dir / RESULTS_FILE)
-        return results, self._write_metrics()
+        return self._write_results(), self._write_metrics()
 
 
 def read_results(output_dir: str | os.PathLike):

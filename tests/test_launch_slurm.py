@@ -196,6 +196,36 @@ def test_failing_job_surfaces_remote_traceback(slurm_cluster, tmp_path):
     assert handle.state == "FAILED"
 
 
+@pytest.mark.parametrize("lost", ["answer", "request"])
+def test_a_transient_sbatch_failure_is_tried_again_and_never_makes_a_second_job(slurm_cluster, tmp_path, monkeypatch, lost):
+    """sbatch exits 1 without a message once (slurmctld swamped): "answer" lost after the job was
+    created (the existing job is taken, not a second one), or the "request" lost (submitted again)."""
+    import shutil
+
+    submit_module = sys.modules["ltssl.launch.submit"]  # (ltssl.launch.submit is also the function's name)
+    real = shutil.which("sbatch")
+    bin_dir, once = tmp_path / "bin", tmp_path / "failed-once"
+    bin_dir.mkdir()
+    create = f'"{real}" "$@" > /dev/null; ' if lost == "answer" else ""
+    (bin_dir / "sbatch").write_text(f'#!/bin/bash\nif [ ! -e "{once}" ]; then touch "{once}"; {create}exit 1; fi\nexec "{real}" "$@"\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setattr(submit_module, "SUBMIT_RETRY_WAITS_S", (1.0, 1.0))
+    handle = submit(toy_cfg(), tmp_path / "run", target=TOY, target_kwargs={"steps": 3})
+    assert once.exists()
+    assert handle.result(timeout=600)["value"] == toy.expected_value(3)
+
+    def submitted_from_run_dir() -> list[str]:  # every job whose sbatch script lies in this run's folder
+        out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,SubmitLine", "-S", "now-1hour"],
+                             capture_output=True, text=True).stdout
+        return [line.split("|")[0] for line in out.splitlines() if str(tmp_path / "run" / "submitit") in line]
+
+    ids = wait_until(lambda: handle.job_id in submitted_from_run_dir() and submitted_from_run_dir(), 120,
+                     "accounting to record the job")
+    assert ids == [handle.job_id]
+    assert json.loads((tmp_path / "run" / "job.json").read_text())["job_id"] == handle.job_id
+
+
 def test_preflight_refuses_before_submission(slurm_cluster, tmp_path):
     before = squeue_ids()
     run_dir = tmp_path / "run"

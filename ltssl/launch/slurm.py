@@ -6,10 +6,12 @@ the local cluster) and has a timeout, so a dead controller is an error, not a ha
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 from ltssl.launch.errors import LaunchError
 from ltssl.launch.local import child_env
@@ -120,6 +122,18 @@ def normalise_state(state: str) -> str:
     """``CANCELLED by 0`` -> ``CANCELLED``; ``""`` -> ``UNKNOWN``."""
     state = state.strip().split(" ")[0].rstrip("+").upper()
     return state or "UNKNOWN"
+
+
+def jobs_submitted_from(folder: str | os.PathLike) -> list[str]:
+    """Ids of this user's jobs in slurmctld's queue whose batch script lies under ``folder``.
+
+    submitit writes each submission's script into the run folder, so this finds a job that sbatch
+    created although it reported a failure (its answer lost on the way back).
+    """
+    out = _run(["squeue", "--me", "-h", "--states=all", "-o", "%i|%o"], "looking for a job of an unanswered sbatch")
+    prefix = str(Path(folder).absolute()) + os.sep
+    return [job_id for job_id, _, command in (line.strip().partition("|") for line in out.splitlines())
+            if command.startswith(prefix)]
 
 
 def cancel(job_id: str) -> None:

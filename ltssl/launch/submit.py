@@ -27,6 +27,7 @@ import submitit
 
 from ltssl.config import DATA_PATH_KEYS, Config, save_config
 from ltssl.launch import local as local_exec
+from ltssl.launch import slurm as slurm_commands
 from ltssl.launch.local import child_env
 from ltssl.launch.errors import LaunchError
 from ltssl.launch.handle import JobHandle
@@ -139,16 +140,69 @@ def submit(
     save_config(cfg, run_dir / "config.yaml")
     executor = make_executor(cfg, run_dir / "submitit")
     submitted_at = time.time()
-    try:
-        job = executor.submit(TrainJob(cfg, run_dir, target=target, target_kwargs=target_kwargs))
-    except Exception as error:  # sbatch refused (account, QoS, ...) or could not start the controller
-        lines = [line for line in str(error).strip().splitlines() if line.strip()]
-        raise LaunchError(f"submission failed: {lines[-1] if lines else type(error).__name__}") from None
-    _record_submission(cfg, run_dir, job.job_id, submitted_at, target)
+    job_id, process = _submit_with_retries(executor, TrainJob(cfg, run_dir, target=target, target_kwargs=target_kwargs),
+                                           run_dir / "submitit", slurm=cfg.launch.partition is not None)
+    _record_submission(cfg, run_dir, job_id, submitted_at, target)
     common = dict(num_tasks=cfg.launch.nodes * tasks_per_node(cfg), submitted_at=submitted_at, partition=cfg.launch.partition)
     if cfg.launch.partition is not None:
-        return SlurmJob(run_dir, job.job_id, controller_downtime_s=cfg.launch.controller_downtime_s, **common)
-    return LocalJob(run_dir, job.job_id, process=getattr(job, "_process", None), **common)
+        return SlurmJob(run_dir, job_id, controller_downtime_s=cfg.launch.controller_downtime_s, **common)
+    return LocalJob(run_dir, job_id, process=process, **common)
+
+
+#: What sbatch says when slurmctld is busy or its answer was lost: worth another try.
+TRANSIENT_SBATCH_ERRORS = ("no message", "Socket timed out", "Zero Bytes were transmitted", "Unable to contact slurm controller",
+                           "temporarily unavailable", "Slurm temporarily unable", "Connection refused", "Connection reset")
+#: Seconds to wait before each further try of a transient sbatch failure.
+SUBMIT_RETRY_WAITS_S = (5.0, 15.0, 45.0)
+
+
+def _sbatch_message(error: Exception) -> str:
+    """The last line sbatch wrote, or what is known when it wrote nothing (submitit's FailedJobError
+    carries sbatch's stderr, and the exit status in its cause)."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    if lines:
+        return lines[-1]
+    cause = error.__cause__
+    if isinstance(cause, subprocess.CalledProcessError):
+        return f"sbatch exited with status {cause.returncode} and no message"
+    return type(error).__name__
+
+
+def _submit_with_retries(executor, job_fn, submitit_folder: Path, slurm: bool) -> tuple[str, Any]:
+    """Submit ``job_fn``: (job id, the local process or None).
+
+    A transient sbatch failure (:data:`TRANSIENT_SBATCH_ERRORS`: slurmctld restarting or swamped by
+    a large sweep's submissions) is tried again after :data:`SUBMIT_RETRY_WAITS_S`; before each new
+    try, a job that sbatch created although its answer was lost is looked for in the queue (by its
+    batch script, which lies in this run's submitit folder) and taken instead of a second one.
+    """
+    waits = list(SUBMIT_RETRY_WAITS_S) if slurm else []
+    while True:
+        try:
+            job = executor.submit(job_fn)
+            return job.job_id, getattr(job, "_process", None)
+        except Exception as error:  # sbatch refused (account, QoS, ...) or could not reach the controller
+            message = _sbatch_message(error)
+            if not waits or not any(text in message for text in TRANSIENT_SBATCH_ERRORS):
+                raise LaunchError(f"submission failed: {message}") from None
+        time.sleep(waits.pop(0))
+        try:
+            created = slurm_commands.jobs_submitted_from(submitit_folder)
+        except LaunchError:
+            created = []  # slurmctld still away: the next sbatch tries (and waits) again
+        if created:
+            _hand_over_pickle(executor.folder, created[-1])
+            return created[-1], None
+
+
+def _hand_over_pickle(folder: Path, job_id: str) -> None:
+    """Give a job created by an unanswered sbatch its function: submitit pickles it to
+    ``<uuid>.pkl`` before sbatch and renames it to the job's ``<id>_submitted.pkl`` only on
+    sbatch's answer, while the job waits for that file (60 s) when it starts."""
+    leftovers = sorted(Path(folder).glob("*.pkl"), key=lambda path: path.stat().st_mtime)
+    leftovers = [path for path in leftovers if len(path.stem) == 32 and all(c in "0123456789abcdef" for c in path.stem)]
+    if leftovers:
+        submitit.core.utils.JobPaths(folder, job_id=job_id).move_temporary_file(leftovers[-1], "submitted_pickle")
 
 
 def _record_submission(cfg: Config, run_dir: Path, job_id: str, submitted_at: float, target: str) -> None:

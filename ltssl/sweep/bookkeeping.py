@@ -55,6 +55,11 @@ def cancel_job(run_dir: str | Path) -> bool:
         return False
 
 
+#: results.parquet is rewritten at most once per this many seconds while the sweep runs (a burst of
+#: trial ends costs one rewrite): the file lags a trial's end by at most about this much.
+RESULTS_INTERVAL_S = 2.0
+
+
 class Bookkeeper:
     """Ledger status, job cancellation, parquet files and the console, as trials end."""
 
@@ -62,7 +67,8 @@ class Bookkeeper:
         self.spec = spec
         self.output_dir = output_dir
         self.ledger = Ledger(output_dir)
-        self.writer = ResultsWriter(output_dir, sweep_id, metric=spec.metric, mode=spec.mode)
+        self.writer = ResultsWriter(output_dir, sweep_id, metric=spec.metric, mode=spec.mode,
+                                    results_interval_s=RESULTS_INTERVAL_S)
         self.board = board
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cancel")
         self.cancels: list = []
@@ -71,6 +77,11 @@ class Bookkeeper:
     def write_results(self) -> tuple[Path, Path]:
         with self._lock:
             return self.writer.write(self.ledger.all())
+
+    def flush(self) -> None:
+        """Write the parquet rows still due (the driver's loop calls this at every look)."""
+        with self._lock:
+            self.writer.flush()
 
     def started(self, key: str) -> None:
         """Trial ``key`` is in flight (its job is being launched or followed)."""

@@ -102,15 +102,9 @@ class Ledger:
             atomic_write_text(self.path(trial_id), json.dumps(record, indent=1, default=str))
             return record
 
-    def mark(self, trial_id: str, event: str) -> None:
-        """Add a timestamped event that is not a status (e.g. "started": the driver gave it a slot)."""
-        with self._locked(trial_id):
-            record = self.read(trial_id)
-            record.setdefault("history", []).append([event, time.time()])
-            atomic_write_text(self.path(trial_id), json.dumps(record, indent=1, default=str))
-
     def claim(self, trial_id: str, owner: dict) -> dict:
-        """Make ``owner`` (``{"pid", "host"}``) the one process that drives this trial's job.
+        """Make ``owner`` (``{"pid", "host"}``) the one process that drives this trial's job (history
+        event ``started``).
 
         Raises :class:`LedgerClaimError` when another live process on this host holds it: two
         drivers must never submit for one trial. A claim of a dead process (a killed driver) is
@@ -124,6 +118,7 @@ class Ledger:
                 raise LedgerClaimError(f"trial {trial_id} is already driven by pid {held.get('pid')}")
             record["owner"] = owner
             record["updated"] = time.time()
+            record.setdefault("history", []).append(["started", record["updated"]])
             atomic_write_text(self.path(trial_id), json.dumps(record, indent=1, default=str))
             return record
 

@@ -46,6 +46,9 @@ from ltssl.sweep.trial import Trial, TrialJob, describe
 TRIAL_SLOT = "sweep_trial_slot"
 #: Threads that launch jobs (sbatch) and take ended jobs' results at once.
 LAUNCH_THREADS = 8
+#: Seconds of one look spent starting new trials at most: a large sweep's first fill (hundreds of
+#: trials) is spread over many looks, so the trials already in flight are followed meanwhile.
+FILL_BUDGET_S = 0.25
 
 
 class SweepLoop:
@@ -93,6 +96,7 @@ class SweepLoop:
                     if self.ray_lost():
                         return
                     self._follow(trial)
+                self.book.flush()
                 time.sleep(self.poll_interval_s)
         finally:
             # A submission under way ends (and is written to the ledger) before anything else.
@@ -100,7 +104,8 @@ class SweepLoop:
             self._slurm_thread.shutdown(wait=False, cancel_futures=True)
 
     def _fill(self) -> None:
-        while not self.exhausted and len(self.live) < self.max_concurrent:
+        deadline = time.monotonic() + FILL_BUDGET_S
+        while not self.exhausted and len(self.live) < self.max_concurrent and time.monotonic() < deadline:
             trial_id = f"run{self.started:05d}"
             config = self.searcher.suggest(trial_id)
             if config is None:
@@ -119,7 +124,6 @@ class SweepLoop:
         self.live[trial_id] = trial
         if self.scheduler is not None:
             self.scheduler.on_trial_add(None, trial)
-        self.book.ledger.mark(key, "started")
         self.book.started(key)
         if self.named_in_ray and not self.ray_lost():
             self.groups[trial_id] = placement_group([{TRIAL_SLOT: 1}], name=describe(config))

@@ -135,9 +135,7 @@ class TrialJob:
         self.key, self.ledger = key, ledger
         self.target, self.target_kwargs = target, target_kwargs or None
         self.state_source = state_source
-        record = ledger.read(key)
-        self.run_dir = Path(record["run_dir"])
-        self.cfg = load_config(record["config"])
+        self.run_dir = Path(ledger.read(key)["run_dir"])
         self.handle: JobHandle | None = None
 
     def launch(self) -> JobHandle:
@@ -165,7 +163,7 @@ class TrialJob:
             self.ledger.update(self.key, status="submitting")
             # The driver ran the same preflight on every distinct job shape of the sweep before the
             # first trial; here it would import the trainer's registries (torch) into the driver.
-            self._follow(submit(self.cfg, self.run_dir, target=self.target, target_kwargs=self.target_kwargs,
+            self._follow(submit(load_config(record["config"]), self.run_dir, target=self.target, target_kwargs=self.target_kwargs,
                                 preflight=False))
         self.ledger.update(self.key, status="running", job_id=self.handle.job_id)
         return self.handle
