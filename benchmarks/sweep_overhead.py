@@ -3,12 +3,13 @@
 
 Runs sweeps whose every trial is a Slurm job on the local cluster running the launch layer's toy
 trainer with zero steps (``ltssl.launch.toy:train``: it writes its result and returns), so what is
-measured is the driver: Ray Tune, the trial actor, submission, tailing, completion, bookkeeping.
+measured is the driver: its loop (Tune's searcher and scheduler), submission, tailing, completion,
+bookkeeping.
 
 Per trial, from the sweep ledger's status times and the job's own record (run_dir/job.json):
 
-- ``driver_submit_s``: Tune starts the trial (a slot of ``max_concurrent`` and an actor are
-  its) -> job submitted (actor set-up, ledger, sbatch);
+- ``driver_submit_s``: the driver starts the trial (a slot of ``max_concurrent`` is its) -> job
+  submitted (ledger, sbatch);
 - ``slurm_queue_s``: job submitted -> its Python process started (Slurm's scheduling, the node's
   process start-up and submitit's import: not the driver's);
 - ``job_run_s``: job started -> job function returned (the toy trainer: nothing);
@@ -20,10 +21,10 @@ Per trial, from the sweep ledger's status times and the job's own record (run_di
 Wall times depend on what else runs on the machine (the 1-minute load average is recorded); the
 CPU seconds the driver and its Ray processes use per trial do not, much.
 
-Memory: the driver process's RSS (the Python process running Tune) and the total PSS of the
-driver plus every Ray process it started (GCS, raylet, dashboard, trial actors), sampled every
-0.25 s, for a sweep of 100 trials queued at once. Each *running* trial holds one Ray actor process,
-so the total grows with ``max_concurrent``; the benchmark runs at two concurrencies to show it.
+Memory: the driver process's RSS (the Python process running the sweep) and the total PSS of the
+driver plus every Ray process it started (GCS, raylet, dashboard, agents), sampled every 0.25 s,
+for a sweep of 100 trials queued at once, at two concurrencies: a trial is not a process (the
+driver follows every job itself), so the total should not grow with ``max_concurrent``.
 
     .venv/bin/python benchmarks/sweep_overhead.py            # writes benchmarks/results/sweep_overhead.json
 
@@ -96,7 +97,7 @@ def _rss(pid: int) -> int:
 
 def _ray_pids(ray_tmpdir: str) -> list[int]:
     """Every process the driver started, directly or not: Ray's GCS, raylet, dashboard and its
-    agents, and the trial actors (Ray workers, children of the raylet). Slurm jobs are not among
+    agents, and any Ray worker (children of the raylet). Slurm jobs are not among
     them (slurmd starts those)."""
     try:
         return [p.pid for p in psutil.Process().children(recursive=True)]
@@ -213,7 +214,7 @@ def run_one(folder: Path, label: str, n: int, max_concurrent: int, dashboard: bo
         "dashboard": dashboard,
         "sweep_wall_s": round(wall, 2),
         "sweep_wall_per_trial_s": round(wall / n, 3),
-        # load-independent: CPU time of the driver, Ray and the trial actors (start-up included)
+        # load-independent: CPU time of the driver and Ray (start-up included)
         "driver_and_ray_cpu_s": round(sampler.cpu_seconds(), 2),
         "driver_and_ray_cpu_s_per_trial": round(sampler.cpu_seconds() / n, 3),
         "load_average_1min_mean": round(statistics.fmean(sampler.load), 2) if sampler.load else None,
