@@ -366,13 +366,13 @@ class ResultsWriter:
     * :meth:`add` (a trial has just ended): that trial's rows, then :meth:`flush`;
     * :meth:`flush`: results.parquet rewritten if rows changed and ``results_interval_s`` seconds
       have passed since its last rewrite, metrics.parquet when its rewrite is due
-      (:data:`METRICS_REWRITE_RATIO`); call it again later (a sweep's loop does, every look) so
+      (:data:`METRICS_REWRITE_RATIO`, and at least ``metrics_interval_s`` apart); call it again later (a sweep's loop does, every look) so
       the last changes reach the files;
     * :meth:`write` (sweep start and end, a resume): every record, both files rewritten.
     """
 
     def __init__(self, output_dir: str | os.PathLike, sweep_id: str, metric: str = "", mode: str = "",
-                 results_interval_s: float = 0.0):
+                 results_interval_s: float = 0.0, metrics_interval_s: float = 0.0):
         self.output_dir = Path(output_dir)
         self.sweep_id = sweep_id
         self.metric = metric
@@ -381,6 +381,7 @@ class ResultsWriter:
         self._metrics: dict[str, tuple[tuple, Any]] = {}   # trial_id -> (metrics.jsonl stat, metrics table)
         self._results_table = None                          # combined results, rebuilt when a row changes
         self.results_interval_s = results_interval_s
+        self.metrics_interval_s = metrics_interval_s
         self._results_dirty = False                          # rows changed since results.parquet was written
         self._metrics_dirty = False                          # the same for metrics.parquet
         self._results_written = -float("inf")                # monotonic time of its last rewrite
@@ -438,7 +439,8 @@ class ResultsWriter:
         started = time.monotonic()
         tables = [self._metrics[k][1] for k in sorted(self._metrics)]
         path = write_parquet_atomic(_concat_metrics(tables, self.sweep_id), self.output_dir / METRICS_FILE)
-        self._metrics_due = time.monotonic() + METRICS_REWRITE_RATIO * (time.monotonic() - started)
+        took = time.monotonic() - started
+        self._metrics_due = time.monotonic() + max(METRICS_REWRITE_RATIO * took, self.metrics_interval_s)
         self._metrics_dirty = False
         return path
 

@@ -58,6 +58,9 @@ def cancel_job(run_dir: str | Path) -> bool:
 #: results.parquet is rewritten at most once per this many seconds while the sweep runs (a burst of
 #: trial ends costs one rewrite): the file lags a trial's end by at most about this much.
 RESULTS_INTERVAL_S = 2.0
+#: metrics.parquet (every line of every trial: it grows with the sweep) at most once per this many
+#: seconds while the sweep runs; complete at the end.
+METRICS_INTERVAL_S = 30.0
 
 
 class Bookkeeper:
@@ -68,7 +71,7 @@ class Bookkeeper:
         self.output_dir = output_dir
         self.ledger = Ledger(output_dir)
         self.writer = ResultsWriter(output_dir, sweep_id, metric=spec.metric, mode=spec.mode,
-                                    results_interval_s=RESULTS_INTERVAL_S)
+                                    results_interval_s=RESULTS_INTERVAL_S, metrics_interval_s=METRICS_INTERVAL_S)
         self.board = board
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cancel")
         self.cancels: list = []
