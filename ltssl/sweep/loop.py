@@ -159,7 +159,12 @@ class SweepLoop:
         for line in trial.tail.read():
             if self._result(trial, trial.report(line)) == TrialScheduler.STOP:
                 return
-        if trial.job.handle.done():
+        handle = trial.job.handle
+        if isinstance(handle, SlurmJob) and not trial.result_seen and handle.paths(0).result_pickle.exists():
+            # The job wrote its result (or error): it is ending, and an error needs Slurm's final state.
+            trial.result_seen = True
+            self.slurm.soon()
+        if handle.done():
             for line in trial.tail.read():  # lines written just before the end
                 self._result(trial, trial.report(line))
             trial.phase = "ending"

@@ -201,6 +201,7 @@ class Trial:
         self.last_result: dict = {}
         self.pending = None          # a Future: the launch, or the final result, running in a thread
         self.phase = "launching"     # launching -> running -> ending
+        self.result_seen = False     # its job's result file has appeared (the monitor was told)
 
     def __repr__(self) -> str:
         return f"Trial({describe(self.config)})"
