@@ -384,6 +384,11 @@ def machine(device) -> dict:
     return info
 
 
+def write_json(path: str, result: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
@@ -421,11 +426,13 @@ def main(argv=None) -> dict:
         result[name] = fn()
         section_s[name] = time.perf_counter() - t0
         print(f"[{time.perf_counter() - t_start:6.1f} s] {name} done in {section_s[name]:.1f} s", flush=True)
+        # written after every section: a run stopped at a time limit still leaves what it measured
+        write_json(args.out, {**result, "section_s": section_s, "complete": False})
     result["goals"] = {**goals(result), "applies": device.type == "cuda" and not args.quick}  # the targets are for one H200
     result["section_s"] = section_s
     result["total_s"] = time.perf_counter() - t_start
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
+    result["complete"] = True
+    write_json(args.out, result)
     print(json.dumps({"goals": result["goals"], "total_s": result["total_s"]}, indent=1))
     print(f"wrote {args.out}")
     return result
