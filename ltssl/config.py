@@ -18,6 +18,7 @@ Every run writes its fully resolved configuration next to its outputs with
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import types
@@ -276,13 +277,19 @@ def _check_constraints(value: Any, meta: dict, key: str, given: Any = None) -> N
             raise ConfigError(f"{key} must be {word} {meta[op]}, got {given!r}")
 
 
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    # typing.get_type_hints evaluates every annotation string: a sweep driver builds a config per trial
+    return typing.get_type_hints(cls)
+
+
 def _build(cls: type, values: Any, prefix: str) -> Any:
     """Build dataclass ``cls`` from the defaults overridden by mapping ``values``."""
     if values is None:
         values = {}
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix or 'config'} must be a mapping of keys, got {values!r}")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in values:
         if key not in fields:
@@ -379,7 +386,7 @@ def describe() -> list[tuple[str, Any, str]]:
     rows = []
 
     def walk(cls: type, prefix: str) -> None:
-        hints = typing.get_type_hints(cls)
+        hints = _hints(cls)
         for f in dataclasses.fields(cls):
             key = f"{prefix}.{f.name}" if prefix else f.name
             if dataclasses.is_dataclass(hints[f.name]):

@@ -21,9 +21,11 @@ Cost per finished trial is flat (:meth:`ResultsWriter.add`): a trial's rows are 
 its own files, and kept as Arrow tables; results.parquet is re-encoded from those tables in C++
 (no Python work per earlier trial), and both files are rewritten only when due: metrics.parquet,
 which grows with every line of every trial, when the time since its last rewrite is at least
-:data:`METRICS_REWRITE_RATIO` times what that rewrite took; results.parquet at once, or (a sweep's
-driver: ``results_interval_s``) at most once per that many seconds, so a burst of trial ends
-costs one rewrite, not one per trial (:meth:`ResultsWriter.flush`). :meth:`ResultsWriter.write`
+:data:`REWRITE_RATIO` times what that rewrite took; results.parquet at once, or (a sweep's
+driver: ``results_interval_s``) at most once per that many seconds, and never sooner than
+:data:`REWRITE_RATIO` times its last rewrite, so a burst of trial ends costs one rewrite, not one
+per trial, and a sweep of tens of thousands of trials spends a bounded share of its driver's time
+on the file (:meth:`ResultsWriter.flush`). :meth:`ResultsWriter.write`
 rewrites both always.
 
 Importing this module is cheap: pyarrow (about 100 MB of a process) is imported on first use of
@@ -49,9 +51,9 @@ METRICS_FILE = "metrics.parquet"
 #: Every status a results row can have (a trial that is over, or was interrupted).
 RESULT_STATUSES = ("completed", "stopped_early", "failed", "cancelled")
 
-#: metrics.parquet is rewritten by :meth:`ResultsWriter.add` only when at least this many times
-#: its last rewrite's duration has passed since: its share of the driver's time stays under 1/20.
-METRICS_REWRITE_RATIO = 20.0
+#: Either file is rewritten by :meth:`ResultsWriter.flush` only when at least this many times its
+#: last rewrite's duration has passed since: each file's share of the driver's time stays under 1/20.
+REWRITE_RATIO = 20.0
 
 #: One row per finished trial (completed, stopped_early, failed or cancelled).
 RESULTS_COLUMNS = (
@@ -364,10 +366,10 @@ class ResultsWriter:
     finished trial does not grow with the trials before it (see the module docstring).
 
     * :meth:`add` (a trial has just ended): that trial's rows, then :meth:`flush`;
-    * :meth:`flush`: results.parquet rewritten if rows changed and ``results_interval_s`` seconds
-      have passed since its last rewrite, metrics.parquet when its rewrite is due
-      (:data:`METRICS_REWRITE_RATIO`, and at least ``metrics_interval_s`` apart); call it again later (a sweep's loop does, every look) so
-      the last changes reach the files;
+    * :meth:`flush`: each file rewritten if its rows changed and its rewrite is due (at least
+      ``results_interval_s`` / ``metrics_interval_s`` and :data:`REWRITE_RATIO` times its last
+      rewrite's duration after that rewrite); call it again later (a sweep's loop does, every
+      look) so the last changes reach the files;
     * :meth:`write` (sweep start and end, a resume): every record, both files rewritten.
     """
 
@@ -384,7 +386,7 @@ class ResultsWriter:
         self.metrics_interval_s = metrics_interval_s
         self._results_dirty = False                          # rows changed since results.parquet was written
         self._metrics_dirty = False                          # the same for metrics.parquet
-        self._results_written = -float("inf")                # monotonic time of its last rewrite
+        self._results_due = 0.0                              # monotonic time from which a results rewrite is due
         self._metrics_due = 0.0                             # monotonic time from which a metrics rewrite is due
 
     def _trial_metrics(self, record: dict) -> tuple[list[dict] | None, Any]:
@@ -440,7 +442,7 @@ class ResultsWriter:
         tables = [self._metrics[k][1] for k in sorted(self._metrics)]
         path = write_parquet_atomic(_concat_metrics(tables, self.sweep_id), self.output_dir / METRICS_FILE)
         took = time.monotonic() - started
-        self._metrics_due = time.monotonic() + max(METRICS_REWRITE_RATIO * took, self.metrics_interval_s)
+        self._metrics_due = time.monotonic() + max(REWRITE_RATIO * took, self.metrics_interval_s)
         self._metrics_dirty = False
         return path
 
@@ -453,7 +455,7 @@ class ResultsWriter:
     def flush(self) -> tuple[Path, Path]:
         """Rewrite what is due (see the class); the two files' paths."""
         results = self.output_dir / RESULTS_FILE
-        if self._results_dirty and time.monotonic() >= self._results_written + self.results_interval_s:
+        if self._results_dirty and time.monotonic() >= self._results_due:
             results = self._write_results()
         metrics = self.output_dir / METRICS_FILE
         if self._metrics_dirty and (time.monotonic() >= self._metrics_due or not metrics.is_file()):
@@ -461,8 +463,12 @@ class ResultsWriter:
         return results, metrics
 
     def _write_results(self) -> Path:
+        started = time.monotonic()
         path = write_parquet_atomic(self._results(), self.output_dir / RESULTS_FILE)
-        self._results_dirty, self._results_written = False, time.monotonic()
+        took = time.monotonic() - started
+        self._results_dirty = False
+        if self.results_interval_s > 0:  # a sweep's writer; without an interval, every add writes at once
+            self._results_due = time.monotonic() + max(REWRITE_RATIO * took, self.results_interval_s)
         return path
 
     def write(self, records: list[dict]) -> tuple[Path, Path]:

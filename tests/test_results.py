@@ -208,3 +208,51 @@ def test_add_keeps_one_row_per_finished_trial_and_parses_each_trial_once(tmp_pat
     metrics = pd.read_parquet(metrics_path)
     assert len(metrics) == 7 * len(order) and sorted(set(metrics["trial_id"])) == sorted(order)
     assert reads == {**{key: 1 for key in order}, "t0001": 2}
+
+
+def test_a_sweeps_writer_rewrites_at_most_once_per_interval_and_never_sooner_than_twenty_rewrites(tmp_path, monkeypatch):
+    """A sweep's writer (results_interval_s 2 s): a burst of ends is one rewrite, the last end reaches the
+    file at the next flush once due; a rewrite that took 0.5 s (a sweep of tens of thousands of trials)
+    is followed by the next one no sooner than 20 x 0.5 s, so the file's share of the driver stays bounded."""
+    import ltssl.results as results_module
+
+    clock = {"now": 100.0, "write_s": 0.001}
+    monkeypatch.setattr(results_module.time, "monotonic", lambda: clock["now"])
+    original = results_module.write_parquet_atomic
+    writes: list[tuple[float, str]] = []
+
+    def slow_write(table, path):
+        writes.append((clock["now"], Path(path).name))
+        clock["now"] += clock["write_s"]
+        return original(table, path)
+
+    monkeypatch.setattr(results_module, "write_parquet_atomic", slow_write)
+    writer = ResultsWriter(tmp_path, "sw1", metric="knn_acc", mode="max", results_interval_s=2.0, metrics_interval_s=30.0)
+
+    def results_writes() -> list[float]:
+        return [t for t, name in writes if name == "results.parquet"]
+
+    for n in range(3):  # a burst: the first end writes, the next two wait for the interval
+        writer.add(make_trial(tmp_path, f"t{n:04d}", "completed", rho=0.1 * (n + 1)))
+    assert len(results_writes()) == 1 and len(pd.read_parquet(tmp_path / "results.parquet")) == 1
+    clock["now"] += 1.0
+    writer.flush()
+    assert len(results_writes()) == 1  # 1 s after the rewrite: not due
+    clock["now"] += 1.0
+    writer.flush()
+    assert len(results_writes()) == 2 and len(pd.read_parquet(tmp_path / "results.parquet")) == 3
+    writer.flush()
+    assert len(results_writes()) == 2  # nothing changed: no rewrite
+
+    clock["write_s"] = 0.5  # rewrites now take 0.5 s: the next is due 10 s after one, not 2 s
+    clock["now"] += 5.0
+    writer.add(make_trial(tmp_path, "t0003", "completed", rho=0.4))
+    first_slow = results_writes()[-1]
+    writer.add(make_trial(tmp_path, "t0004", "completed", rho=0.5))
+    for _ in range(9):
+        clock["now"] += 1.0
+        writer.flush()
+    assert results_writes()[-1] == first_slow  # 9.5 s after the 0.5-s rewrite ended: not due
+    clock["now"] += 1.0
+    writer.flush()
+    assert results_writes()[-1] > first_slow and len(pd.read_parquet(tmp_path / "results.parquet")) == 5
