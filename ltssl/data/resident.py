@@ -37,7 +37,7 @@ from ltssl.config import DataConfig
 from ltssl.io import atomic_write, atomic_write_json
 
 from . import ffcv as _ffcv
-from .augment import Recipe, generator_for, get_recipe, make_views
+from .augment import CompiledPixels, Recipe, generator_for, get_recipe, make_views, view_pixels
 from .errors import DataError
 
 RESIDENT_CHOICES = tuple(next(f for f in dataclasses.fields(DataConfig) if f.name == "resident").metadata["choices"])
@@ -67,11 +67,18 @@ class ResidentLoader:
     positions to train on (default all); batch_size: per rank. ``epoch(e, start_step)`` yields dicts
     of ``views`` (list of num_views float32 ``[B,3,S,S]``, normalised with ``mean``/``std``, fractions
     of 255), ``label`` and ``index`` (int64 ``[B]``), all on ``device``.
+
+    The pixel work: fused (None: on the CPU) is the numba CPU kernel; otherwise batched torch ops on
+    the device, eager or through ``torch.compile`` (``compile``: None = inductor on CUDA devices,
+    falling back to eager with a logged warning if compilation fails; True or a backend name =
+    compiled, a failure raises; False = eager). Every path draws the same parameters, so batches
+    are identical across paths to float rounding (``pixels`` says which one runs).
     """
 
     def __init__(self, images: torch.Tensor, labels, *, batch_size: int, num_views: int, image_size: int,
                  recipe: "str | Recipe", seed: int, mean: Sequence[float], std: Sequence[float], device,
-                 rank: int = 0, world_size: int = 1, drop_last: bool = True, indices=None):
+                 rank: int = 0, world_size: int = 1, drop_last: bool = True, indices=None, fused: bool | None = None,
+                 compile: "bool | str | None" = None):
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise DataError(f"resident images must be uint8 [N,3,H,W], got {images.dtype} {tuple(images.shape)}")
         for name, value, low in (("batch_size", batch_size, 1), ("num_views", num_views, 1), ("image_size", image_size, 1)):
@@ -91,9 +98,31 @@ class ResidentLoader:
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
         self.drop_last = bool(drop_last)
+        explicit = compile is not None and compile is not False
+        self.fused = (self.device.type == "cpu" and not explicit) if fused is None else bool(fused)
+        if explicit and self.fused:
+            raise DataError("compile applies to the batched torch augmentation: it needs fused=False")
+        if compile is None:
+            compile = self.device.type == "cuda" and not self.fused
+            backend, strict = "inductor", False
+        else:
+            backend, strict = ("inductor" if compile is True else compile), True  # a backend name (or callable)
+        self._pixels = CompiledPixels(backend, strict=strict) if compile else view_pixels
         if len(self) == 0:
             raise DataError(f"resident images: {self.num_samples} samples give no full batch of {self.batch_size} per rank "
                             f"({self.world_size} ranks, drop_last={self.drop_last})")
+
+    @property
+    def pixels(self) -> str:
+        """The augmentation path in use: ``fused`` (numba, CPU), ``compiled`` or ``eager`` (torch ops on the device)."""
+        if self.fused:
+            return "fused"
+        return "compiled" if isinstance(self._pixels, CompiledPixels) and self._pixels.error is None else "eager"
+
+    @property
+    def compile_error(self) -> str | None:
+        """Why torch.compile fell back to eager (None: it did not, or was not asked for)."""
+        return getattr(self._pixels, "error", None)
 
     def order(self, epoch: int) -> np.ndarray:
         """This rank's sample positions for ``epoch``, int64 ``[n_rank]``, before batching."""
@@ -113,8 +142,10 @@ class ResidentLoader:
         for step in range(int(start_step), n_batches):
             index = order[step * self.batch_size:(step + 1) * self.batch_size]
             gen = generator_for(self.seed, int(epoch), step, self.rank)
+            # compiled: the epoch's smaller last batch is padded to the batch size (one graph, no recompile)
             views = make_views(self.images, gen, self.recipe, self.image_size, self.num_views, self.mean, self.std,
-                               index=index)
+                               index=index, fused=self.fused, pixels=self._pixels,
+                               rows=self.batch_size if isinstance(self._pixels, CompiledPixels) else None)
             yield {"views": views, "label": self.labels.index_select(0, index), "index": index.clone()}
 
 
