@@ -70,3 +70,33 @@ def test_quick_cpu_run_writes_every_section_without_ffcv_ray_submitit(tmp_path):
     assert digits["device"]["knn_acc"] == digits["cpu"]["knn_acc"]
     assert result["augmentation"]["images_per_s"] > 0 and result["kde_refresh"]["density_s"] > 0
     assert set(result["goals"]["met"]) == set(result["goals"]["targets"])
+    check_augmentation_sides(result)
+
+
+def check_augmentation_sides(result):
+    """The loader's default, eager and compiled augmentation measured side by side, none failed, compiled == eager."""
+    aug, e2e = result["augmentation"], result["end_to_end"]
+    assert [k for k in {**aug, **e2e} if k.endswith("error")] == []
+    assert (aug["default_pixels"], aug["eager_pixels"], aug["compiled_pixels"]) == ("fused", "eager", "compiled")  # on the CPU
+    for row in (aug, e2e):
+        assert all(row[f"{side}_images_per_s"] > 0 for side in ("default", "eager", "compiled"))
+        assert row["images_per_s"] == row["default_images_per_s"]
+    assert aug["compile_s"] > 0 and aug["host_draw_and_copy_ms_per_batch"] > 0
+    assert aug["compiled_vs_eager_max_abs_diff"] < 1e-5
+
+
+@pytest.mark.timeout(600)
+def test_sections_runs_only_the_named_ones(tmp_path):
+    out = tmp_path / "gpu.json"
+    args = [sys.executable, "-c", BLOCKED_RUN, "--device", "cpu", "--quick", "--out", str(out)]
+    proc = subprocess.run(args + ["--sections", "augmentation,end_to_end"], cwd=REPO, capture_output=True, text=True, timeout=550)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["sections"] == ["augmentation", "end_to_end"] and set(result["section_s"]) == {"augmentation", "end_to_end"}
+    assert not {"steps", "kde_refresh", "ddp", "digits", "compile"} & set(result)
+    assert set(result["goals"]["measured"]) == {"augmentation_images_per_s", "simsiam_sgd_bf16_channels_last_images_per_s"}
+    check_augmentation_sides(result)
+    bad = subprocess.run(args + ["--sections", "augmentation,steps,nope"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1] == (
+        "benchmarks/gpu.py: --sections 'augmentation,steps,nope': each name must be one of "
+        "augmentation, steps, end_to_end, kde_refresh, ddp, digits, compile")
