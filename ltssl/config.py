@@ -77,6 +77,9 @@ class DataConfig:
     resident: str = _f("auto", "training set decoded once and kept on the training device (no loader threads); "
                        "auto = on for a CUDA device when it fits data.resident_max_mb", choices=["auto", "on", "off"])
     resident_max_mb: float = _f(4096.0, "data.resident auto: largest decoded training set (MiB) kept on the device", gt=0)
+    resident_compile: str = _f("auto", "the resident set's augmentation through torch.compile (inductor): auto = on a CUDA "
+                               "device, eager (with a warning) if compiling fails; on = compile or fail; off = never (a CPU keeps its numba kernel)",
+                               choices=["auto", "on", "off"])
 
 
 @dataclass

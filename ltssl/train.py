@@ -361,7 +361,7 @@ def build_data(cfg: Config, rt: Runtime, gate: BoundaryGate):
     loader = cached_loader(ssl_loader, data.train_beton, batch_size=rt.local_batch, num_views=cfg.data.num_views,
                            image_size=data.image_size, recipe=recipe, seed=cfg.train.seed, distributed=rt.world > 1,
                            device=rt.device, num_workers=cfg.data.num_workers, resident=cfg.data.resident,
-                           resident_max_mb=cfg.data.resident_max_mb)
+                           resident_max_mb=cfg.data.resident_max_mb, resident_compile=cfg.data.resident_compile)
     return data, loader
 
 

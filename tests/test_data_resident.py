@@ -142,6 +142,10 @@ def test_the_choice(beton):
     assert R.use_resident("on", "cpu", None, 0.0) and not R.use_resident("off", "cuda", decoded, 1e9)
     with pytest.raises(DataError, match=r"^data.resident must be one of auto, on, off, got 'yes'$"):
         R.ssl_loader(beton, distributed=False, num_workers=1, resident="yes", **KW)
+    # data.resident_compile: auto keeps the CPU's numba kernel, on compiles the torch augmentation, off is eager
+    pixels = {choice: R.ssl_loader(beton, distributed=False, num_workers=1, resident="on", resident_compile=choice, **KW).pixels
+              for choice in ("auto", "on", "off")}
+    assert pixels == {"auto": "fused", "on": "compiled", "off": "fused"}
 
 
 # ----------------------------------------------------------------------------- through train()

@@ -213,14 +213,15 @@ def decode_beton(beton, *, num_workers: int = 1, verify: str = "auto") -> tuple[
 
 def resident_from_beton(beton, *, batch_size: int, num_views: int, image_size: int, recipe: "str | Recipe", seed: int,
                         distributed: bool, device, num_workers: int = 1, drop_last: bool = True, indices=None,
-                        verify: str = "auto") -> ResidentLoader:
+                        verify: str = "auto", compile: "bool | str | None" = None) -> ResidentLoader:
     """A :class:`ResidentLoader` over a .beton (decoded through the cache); rank and world from torch.distributed."""
     meta = _ffcv._sidecar(beton) or _ffcv.open_beton(beton, "size")[0]
     images, labels = decode_beton(beton, num_workers=num_workers, verify=verify)
     rank, world = _ffcv._rank(distributed)
     return ResidentLoader(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels, batch_size=batch_size,
                           num_views=num_views, image_size=image_size, recipe=recipe, seed=seed, mean=meta["mean"],
-                          std=meta["std"], device=device, rank=rank, world_size=world, drop_last=drop_last, indices=indices)
+                          std=meta["std"], device=device, rank=rank, world_size=world, drop_last=drop_last, indices=indices,
+                          compile=compile)
 
 
 # ----------------------------------------------------------------------------- the choice
@@ -238,11 +239,13 @@ def use_resident(resident: str, device, decoded: int | None, max_mb: float) -> b
 def ssl_loader(beton, *, batch_size: int, num_views: int, image_size: int, recipe: "str | Recipe", seed: int,
                distributed: bool, device, num_workers: int, drop_last: bool = True, indices=None, verify: str = "auto",
                fetch_timeout_s: float = _ffcv.DEFAULT_FETCH_TIMEOUT_S, batches_ahead: int = 2, decode_size: int | None = None,
-               resident: str = DataConfig.resident, resident_max_mb: float = DataConfig.resident_max_mb):
+               resident: str = DataConfig.resident, resident_max_mb: float = DataConfig.resident_max_mb,
+               resident_compile: str = DataConfig.resident_compile):
     """The training loader for ``beton``: :class:`ResidentLoader` or the streaming ``SSLLoader``.
 
-    Takes SSLLoader's arguments plus ``resident`` (auto, on, off; see :func:`use_resident`) and
-    ``resident_max_mb``. Both loaders yield the same batches (see the module docstring).
+    Takes SSLLoader's arguments plus ``resident`` (auto, on, off; see :func:`use_resident`),
+    ``resident_max_mb`` and ``resident_compile`` (auto, on, off: :class:`ResidentLoader`'s ``compile``
+    None, True, False). Both loaders yield the same batches (see the module docstring).
     """
     meta = _ffcv._sidecar(beton) or _ffcv.open_beton(beton, "size")[0]
     # the resident copy is decoded at the file's own decode size; another one streams
@@ -252,7 +255,8 @@ def ssl_loader(beton, *, batch_size: int, num_views: int, image_size: int, recip
     if same_size and use_resident(resident, device, decoded_bytes(meta), resident_max_mb):
         return resident_from_beton(beton, batch_size=batch_size, num_views=num_views, image_size=image_size, recipe=recipe,
                                    seed=seed, distributed=distributed, device=device, num_workers=num_workers,
-                                   drop_last=drop_last, indices=indices, verify=verify)
+                                   drop_last=drop_last, indices=indices, verify=verify,
+                                   compile={"auto": None, "on": True, "off": False}[resident_compile])
     return _ffcv.SSLLoader(beton, batch_size=batch_size, num_views=num_views, image_size=image_size, recipe=recipe, seed=seed,
                            distributed=distributed, device=device, num_workers=num_workers, drop_last=drop_last,
                            indices=indices, verify=verify, fetch_timeout_s=fetch_timeout_s, batches_ahead=batches_ahead,
