@@ -333,6 +333,10 @@ def build_runtime(cfg: Config) -> Runtime:
     if cfg.train.batch_size % world:
         rt.close()
         raise ConfigError(f"train.batch_size must be divisible by the world size {world}, got {cfg.train.batch_size}")
+    if "OMP_NUM_THREADS" not in os.environ and os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        # torch starts a thread per core of the node, not per CPU of this task: tasks that share a
+        # node then spin against each other (a local sweep sets OMP_NUM_THREADS for its jobs instead)
+        torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))
     if on_cuda:
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True

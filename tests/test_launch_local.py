@@ -349,3 +349,20 @@ def test_every_child_process_of_the_launch_layer_gets_an_explicit_environment():
                     spawns.append((f"{path.name}:{node.lineno}", any(k.arg == "env" for k in node.keywords)))
     assert len(spawns) >= 5, spawns
     assert [where for where, has_env in spawns if not has_env] == []
+
+
+def test_local_jobs_share_the_machines_cpus_as_threads(monkeypatch):
+    """A local sweep's jobs run side by side: each gets cpu_count // jobs_at_once threads (at least 1)
+    through OMP_NUM_THREADS and MKL_NUM_THREADS, which the jobs inherit; a value the user set is kept."""
+    from ltssl.launch.local import THREAD_VARIABLES, share_cpus_among_jobs
+
+    for name in THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert share_cpus_among_jobs(3) == 2
+    assert [os.environ[name] for name in THREAD_VARIABLES] == ["2", "2"]
+    for name in THREAD_VARIABLES:
+        monkeypatch.delenv(name)
+    assert share_cpus_among_jobs(32) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert share_cpus_among_jobs(2) == 5 and os.environ["OMP_NUM_THREADS"] == "5"

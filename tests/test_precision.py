@@ -142,3 +142,21 @@ def test_feature_pass_runs_in_bf16_on_the_cpu_and_returns_fp32_features():
     assert seen == [torch.bfloat16, torch.bfloat16]  # autocast was on for the CPU pass
     assert bf16.dtype == torch.float32 and bf16.shape == fp32.shape
     assert float(F.cosine_similarity(bf16, fp32, dim=1).min()) > 0.99
+
+
+def test_a_slurm_task_uses_as_many_torch_threads_as_its_cpus(monkeypatch):
+    """Under Slurm torch would start a thread per core of the node: the task's CPUs decide, unless
+    OMP_NUM_THREADS says otherwise (a local sweep sets it for its jobs)."""
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+        torch.set_num_threads(2)
+        build_runtime(load_config({"train": {"device": "cpu"}}))
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        torch.set_num_threads(2)
+        build_runtime(load_config({"train": {"device": "cpu"}}))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

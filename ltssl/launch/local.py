@@ -35,6 +35,26 @@ def child_env() -> dict[str, str]:
     return dict(os.environ)
 
 
+#: Thread-count variables that local jobs inherit (PyTorch's and MKL's CPU ops; not numba's: FFCV's
+#: loader sets numba's thread count to its workers, which an environment cap would make an error).
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def share_cpus_among_jobs(jobs_at_once: int) -> int:
+    """Give each of ``jobs_at_once`` local jobs an equal share of this machine's CPUs as threads.
+
+    Set in this process's environment, which every local job inherits; call it before any thread
+    starts (see :func:`child_env`). A variable the user set is kept. Without it every job starts one
+    PyTorch thread per core, and jobs side by side spin against each other in OpenMP: two digits
+    jobs on 2 cores ran at 50 images/s each, against 850 with one thread each (measured). Returns
+    the threads per job.
+    """
+    threads = max(1, (os.cpu_count() or 1) // max(1, jobs_at_once))
+    for name in THREAD_VARIABLES:
+        os.environ.setdefault(name, str(threads))
+    return int(os.environ["OMP_NUM_THREADS"])
+
+
 def start_controller(
     folder: Path,
     command: str,

@@ -32,6 +32,7 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ltssl.launch.job import DEFAULT_TARGET
+from ltssl.launch.local import share_cpus_among_jobs
 from ltssl.sweep.checks import check_jobs, quick_preflight
 from ltssl.sweep.console import default_console
 from ltssl.sweep.dashboard import free_port, set_ray_environment
@@ -103,6 +104,8 @@ def run_sweep(
             if max_concurrent < 1:
                 raise SweepError(f"--max-concurrent must be >= 1, got {max_concurrent}")
             run.spec.max_concurrent = max_concurrent
+        if run.partition is None:  # the trials' jobs share this machine
+            share_cpus_among_jobs(run.spec.max_concurrent)
         checker = _start_checks(run, prepare)
         set_ray_environment()
         # Deferred on purpose: Ray and Tune read the environment set just above when they are
