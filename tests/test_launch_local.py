@@ -359,10 +359,13 @@ def test_local_jobs_share_the_machines_cpus_as_threads(monkeypatch):
     for name in THREAD_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    assert share_cpus_among_jobs(3) == 2
+    share_cpus_among_jobs(3)
     assert [os.environ[name] for name in THREAD_VARIABLES] == ["2", "2"]
     for name in THREAD_VARIABLES:
         monkeypatch.delenv(name)
-    assert share_cpus_among_jobs(32) == 1
-    monkeypatch.setenv("OMP_NUM_THREADS", "5")
-    assert share_cpus_among_jobs(2) == 5 and os.environ["OMP_NUM_THREADS"] == "5"
+    share_cpus_among_jobs(32)
+    assert [os.environ[name] for name in THREAD_VARIABLES] == ["1", "1"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "4,2")  # OpenMP's nested form: passed on as written
+    monkeypatch.delenv("MKL_NUM_THREADS")
+    share_cpus_among_jobs(2)
+    assert os.environ["OMP_NUM_THREADS"] == "4,2" and os.environ["MKL_NUM_THREADS"] == "4"
